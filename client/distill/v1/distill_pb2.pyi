@@ -1,0 +1,154 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[Dtype]
+    DTYPE_FLOAT32: _ClassVar[Dtype]
+    DTYPE_FLOAT16: _ClassVar[Dtype]
+    DTYPE_BFLOAT16: _ClassVar[Dtype]
+    DTYPE_FLOAT64: _ClassVar[Dtype]
+
+class LossKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOSS_KIND_UNSPECIFIED: _ClassVar[LossKind]
+    LOSS_KIND_MSE: _ClassVar[LossKind]
+    LOSS_KIND_COSINE: _ClassVar[LossKind]
+    LOSS_KIND_KL_DIVERGENCE: _ClassVar[LossKind]
+    LOSS_KIND_COMBINED_KL_MSE: _ClassVar[LossKind]
+DTYPE_UNSPECIFIED: Dtype
+DTYPE_FLOAT32: Dtype
+DTYPE_FLOAT16: Dtype
+DTYPE_BFLOAT16: Dtype
+DTYPE_FLOAT64: Dtype
+LOSS_KIND_UNSPECIFIED: LossKind
+LOSS_KIND_MSE: LossKind
+LOSS_KIND_COSINE: LossKind
+LOSS_KIND_KL_DIVERGENCE: LossKind
+LOSS_KIND_COMBINED_KL_MSE: LossKind
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: Dtype
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Loss(_message.Message):
+    __slots__ = ("mse", "cosine", "kl_divergence", "combined_kl_mse")
+    class Mse(_message.Message):
+        __slots__ = ()
+        def __init__(self) -> None: ...
+    class Cosine(_message.Message):
+        __slots__ = ()
+        def __init__(self) -> None: ...
+    class KlDivergence(_message.Message):
+        __slots__ = ("temperature",)
+        TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+        temperature: float
+        def __init__(self, temperature: _Optional[float] = ...) -> None: ...
+    class CombinedKlMse(_message.Message):
+        __slots__ = ("kl_weight", "mse_weight", "temperature")
+        KL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+        MSE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+        TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+        kl_weight: float
+        mse_weight: float
+        temperature: float
+        def __init__(self, kl_weight: _Optional[float] = ..., mse_weight: _Optional[float] = ..., temperature: _Optional[float] = ...) -> None: ...
+    MSE_FIELD_NUMBER: _ClassVar[int]
+    COSINE_FIELD_NUMBER: _ClassVar[int]
+    KL_DIVERGENCE_FIELD_NUMBER: _ClassVar[int]
+    COMBINED_KL_MSE_FIELD_NUMBER: _ClassVar[int]
+    mse: Loss.Mse
+    cosine: Loss.Cosine
+    kl_divergence: Loss.KlDivergence
+    combined_kl_mse: Loss.CombinedKlMse
+    def __init__(self, mse: _Optional[_Union[Loss.Mse, _Mapping]] = ..., cosine: _Optional[_Union[Loss.Cosine, _Mapping]] = ..., kl_divergence: _Optional[_Union[Loss.KlDivergence, _Mapping]] = ..., combined_kl_mse: _Optional[_Union[Loss.CombinedKlMse, _Mapping]] = ...) -> None: ...
+
+class Layer(_message.Message):
+    __slots__ = ("weight", "loss", "name")
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    weight: float
+    loss: Loss
+    name: str
+    def __init__(self, weight: _Optional[float] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
+
+class LayerLoss(_message.Message):
+    __slots__ = ("layer_index", "name", "loss", "weighted_loss")
+    LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTED_LOSS_FIELD_NUMBER: _ClassVar[int]
+    layer_index: int
+    name: str
+    loss: float
+    weighted_loss: float
+    def __init__(self, layer_index: _Optional[int] = ..., name: _Optional[str] = ..., loss: _Optional[float] = ..., weighted_loss: _Optional[float] = ...) -> None: ...
+
+class ComputeLayerLossRequest(_message.Message):
+    __slots__ = ("layers", "layer_index", "teacher", "student")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_FIELD_NUMBER: _ClassVar[int]
+    STUDENT_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[Layer]
+    layer_index: int
+    teacher: Tensor
+    student: Tensor
+    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., layer_index: _Optional[int] = ..., teacher: _Optional[_Union[Tensor, _Mapping]] = ..., student: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ComputeLayerLossResponse(_message.Message):
+    __slots__ = ("layer_loss",)
+    LAYER_LOSS_FIELD_NUMBER: _ClassVar[int]
+    layer_loss: LayerLoss
+    def __init__(self, layer_loss: _Optional[_Union[LayerLoss, _Mapping]] = ...) -> None: ...
+
+class ComputeTotalLossRequest(_message.Message):
+    __slots__ = ("layers", "teachers", "students")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TEACHERS_FIELD_NUMBER: _ClassVar[int]
+    STUDENTS_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[Layer]
+    teachers: _containers.RepeatedCompositeFieldContainer[Tensor]
+    students: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., teachers: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., students: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class ComputeTotalLossResponse(_message.Message):
+    __slots__ = ("total_loss", "layer_losses")
+    TOTAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_LOSSES_FIELD_NUMBER: _ClassVar[int]
+    total_loss: float
+    layer_losses: _containers.RepeatedCompositeFieldContainer[LayerLoss]
+    def __init__(self, total_loss: _Optional[float] = ..., layer_losses: _Optional[_Iterable[_Union[LayerLoss, _Mapping]]] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetServerInfoResponse(_message.Message):
+    __slots__ = ("version", "device", "device_description", "supported_dtypes", "supported_loss_kinds", "max_message_bytes")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTED_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTED_LOSS_KINDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    device: str
+    device_description: str
+    supported_dtypes: _containers.RepeatedScalarFieldContainer[Dtype]
+    supported_loss_kinds: _containers.RepeatedScalarFieldContainer[LossKind]
+    max_message_bytes: int
+    def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., device_description: _Optional[str] = ..., supported_dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., supported_loss_kinds: _Optional[_Iterable[_Union[LossKind, str]]] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...

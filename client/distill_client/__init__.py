@@ -1,0 +1,60 @@
+"""Client of DistillService: knowledge-distillation losses computed remotely.
+
+>>> from distill_client import DistilLoss, RemoteFeatureDistiller
+>>> d = RemoteFeatureDistiller.with_weights([0.3, 0.7], DistilLoss.kl_divergence(2.0))
+>>> d.compute_total_loss(teacher_feats, student_feats)  # doctest: +SKIP
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from distill_client.client import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    DistillClient,
+    LayerSpec,
+    ServerInfo,
+    TotalLoss,
+)
+from distill_client.distiller import RemoteFeatureDistiller
+from distill_client.errors import (
+    DimensionMismatch,
+    DistillError,
+    EmptyInput,
+    InvalidArgument,
+    LayerIndexOutOfRange,
+    LossOverflow,
+    MessageTooLarge,
+    NonFiniteInput,
+    TeacherStudentMismatch,
+    Unavailable,
+)
+from distill_client.losses import DistilLoss, LayerLoss, LossKind
+
+try:
+    __version__ = version("distill-service")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_TARGET",
+    "DimensionMismatch",
+    "DistilLoss",
+    "DistillClient",
+    "DistillError",
+    "EmptyInput",
+    "InvalidArgument",
+    "LayerIndexOutOfRange",
+    "LayerLoss",
+    "LayerSpec",
+    "LossKind",
+    "LossOverflow",
+    "MessageTooLarge",
+    "NonFiniteInput",
+    "RemoteFeatureDistiller",
+    "ServerInfo",
+    "TeacherStudentMismatch",
+    "TotalLoss",
+    "Unavailable",
+    "__version__",
+]

@@ -1,0 +1,188 @@
+"""``DistillClient``: one channel to a DistillService, one method per RPC."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from distill.v1 import distill_pb2 as pb
+from distill.v1 import distill_pb2_grpc as pb_grpc
+from distill_client import tensors
+from distill_client.errors import from_rpc_error
+from distill_client.losses import DistilLoss, LayerLoss, LossKind
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_TARGET",
+    "DistillClient",
+    "LayerSpec",
+    "ServerInfo",
+    "TotalLoss",
+    "default_target",
+]
+
+DEFAULT_TARGET = "localhost:50051"
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+"""Send and receive limit of the channel: real feature maps, not gRPC's 4 MiB."""
+
+LayerSpec = tuple[float, DistilLoss]
+"""A layer as the reference holds it: ``(weight, loss)``."""
+
+_Response = TypeVar("_Response", bound=Message)
+
+
+def default_target() -> str:
+    """``$DISTILL_TARGET``, else ``localhost:50051``."""
+    return os.environ.get("DISTILL_TARGET") or DEFAULT_TARGET
+
+
+@dataclass(frozen=True)
+class TotalLoss:
+    """The total loss and every layer's part of it."""
+
+    total: float
+    layers: list[LayerLoss]
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What a server offers (``GetServerInfo``)."""
+
+    version: str
+    device: str
+    device_description: str
+    supported_dtypes: list[str]
+    supported_loss_kinds: list[LossKind]
+    max_message_bytes: int
+
+
+def _layers(layers: Sequence[LayerSpec], names: Sequence[str] | None) -> list[pb.Layer]:
+    if names is not None and len(names) != len(layers):
+        raise ValueError(f"{len(names)} names for {len(layers)} layers")
+    return [
+        pb.Layer(weight=float(weight), loss=loss.to_proto(), name=names[i] if names else "")
+        for i, (weight, loss) in enumerate(layers)
+    ]
+
+
+class DistillClient:
+    """A connection to a DistillService (thread-safe; use as a context manager).
+
+    Args:
+        target: ``host:port`` (or any gRPC target); default
+            :func:`default_target`.
+        max_message_bytes: Send and receive limit of the channel; raise it
+            (and the server's ``--max-message-mb``) for larger feature maps.
+        timeout: Default deadline of each call in seconds; None waits forever.
+        credentials: Channel credentials for TLS; None for plaintext.
+        options: Extra gRPC channel options.
+
+    Every method raises a :class:`~distill_client.errors.DistillError`
+    subclass on failure.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = target or default_target()
+        self.timeout = timeout
+        channel_options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            *options,
+        ]
+        if credentials is None:
+            self._channel = grpc.insecure_channel(self.target, options=channel_options)
+        else:
+            self._channel = grpc.secure_channel(self.target, credentials, options=channel_options)
+        self._stub = pb_grpc.DistillServiceStub(self._channel)
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> DistillClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _call(self, method: Any, request: Message, timeout: float | None) -> Any:
+        """Make one call; every gRPC error becomes its DistillError here."""
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    def compute_layer_loss(
+        self,
+        layers: Sequence[LayerSpec],
+        layer_index: int,
+        teacher: Any,
+        student: Any,
+        *,
+        names: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> LayerLoss:
+        """Layer ``layer_index``'s loss, weighted by its weight.
+
+        ``teacher`` and ``student`` are arrays of any shape (flattened),
+        DLPack or ``__array__`` objects, or lists of floats.
+        """
+        request = pb.ComputeLayerLossRequest(
+            layers=_layers(layers, names),
+            layer_index=layer_index,
+            teacher=tensors.encode(teacher),
+            student=tensors.encode(student),
+        )
+        response: pb.ComputeLayerLossResponse = self._call(self._stub.ComputeLayerLoss, request, timeout)
+        return LayerLoss.from_proto(response.layer_loss)
+
+    def compute_total_loss(
+        self,
+        layers: Sequence[LayerSpec],
+        teachers: Sequence[Any],
+        students: Sequence[Any],
+        *,
+        names: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> TotalLoss:
+        """The weighted sum of every layer's loss, and each layer's part."""
+        request = pb.ComputeTotalLossRequest(
+            layers=_layers(layers, names),
+            teachers=[tensors.encode(t) for t in teachers],
+            students=[tensors.encode(s) for s in students],
+        )
+        response: pb.ComputeTotalLossResponse = self._call(self._stub.ComputeTotalLoss, request, timeout)
+        return TotalLoss(response.total_loss, [LayerLoss.from_proto(r) for r in response.layer_losses])
+
+    def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        """What the server offers: version, device, dtypes, loss kinds, limits."""
+        response: pb.GetServerInfoResponse = self._call(
+            self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout
+        )
+        return ServerInfo(
+            version=response.version,
+            device=response.device,
+            device_description=response.device_description,
+            supported_dtypes=[pb.Dtype.Name(d) for d in response.supported_dtypes],
+            supported_loss_kinds=[LossKind(k) for k in response.supported_loss_kinds],
+            max_message_bytes=response.max_message_bytes,
+        )

@@ -1,0 +1,33 @@
+"""DistillError -> ``google.rpc.Status``: the server's half of the error mapping.
+
+The status carries an ErrorInfo (domain, reason, the error's fields as
+metadata) and, when the error names a request field, a BadRequest field
+violation, so clients in any language can read them.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from distill_client.errors import DOMAIN, DistillError
+
+__all__ = ["to_status"]
+
+
+def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def to_status(error: DistillError) -> grpc.Status:
+    """The rich gRPC status of an error, ready for ``context.abort_with_status``."""
+    details = [_pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata()))]
+    if error.field is not None:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
+    return rpc_status.to_status(status)

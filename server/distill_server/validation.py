@@ -1,0 +1,63 @@
+"""Request messages -> checked layers and arrays, or an error naming the field.
+
+Only what the wire can get wrong is checked here (dtypes, byte lengths,
+shapes, loss parameters, indices); the reference's own checks (counts,
+empty inputs, lengths, in its order) belong to the engine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from distill.v1 import distill_pb2 as pb
+from distill_client import tensors
+from distill_client.errors import InvalidArgument
+from distill_client.losses import DistilLoss
+from distill_server.backend import Backend
+from distill_server.engine import Layer
+
+__all__ = ["layer_index", "layers", "tensor", "tensor_list"]
+
+
+def layers(messages: Sequence[pb.Layer]) -> list[Layer]:
+    """The layers of a request.
+
+    Raises:
+        InvalidArgument: a non-finite weight, a loss without a kind, or loss
+            parameters out of range (field ``layers[i]...``).
+    """
+    checked = []
+    for i, message in enumerate(messages):
+        where = f"layers[{i}]"
+        if not math.isfinite(message.weight):
+            raise InvalidArgument(
+                f"{where}.weight is {message.weight}; expected a finite value",
+                field=f"{where}.weight",
+                layer=i,
+            )
+        try:
+            loss = DistilLoss.from_proto(message.loss)
+        except InvalidArgument as exc:
+            field = f"{where}.loss" + (f".{exc.field}" if exc.field else "")
+            raise InvalidArgument(f"{field}: {exc.message}", field=field, layer=i) from exc
+        checked.append(Layer(message.weight, loss, message.name))
+    return checked
+
+
+def tensor(message: pb.Tensor, field: str, backend: Backend) -> Any:
+    """One decoded tensor, on the backend's device."""
+    return backend.to_device(tensors.decode(message, field))
+
+
+def tensor_list(messages: Sequence[pb.Tensor], field: str, backend: Backend) -> list[Any]:
+    """Decoded tensors of a repeated field, on the backend's device."""
+    return [tensor(message, f"{field}[{i}]", backend) for i, message in enumerate(messages)]
+
+
+def layer_index(index: int) -> int:
+    """A non-negative layer index (the upper bound is the engine's check)."""
+    if index < 0:
+        raise InvalidArgument(f"layer_index is {index}; expected >= 0", field="layer_index")
+    return index
