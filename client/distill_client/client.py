@@ -175,9 +175,7 @@ class DistillClient:
 
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         """What the server offers: version, device, dtypes, loss kinds, limits."""
-        response: pb.GetServerInfoResponse = self._call(
-            self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout
-        )
+        response: pb.GetServerInfoResponse = self._call(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout)
         return ServerInfo(
             version=response.version,
             device=response.device,

@@ -19,7 +19,7 @@ from distill_client.errors import InvalidArgument
 
 __all__ = ["DTYPES", "decode", "encode", "to_array"]
 
-DTYPES: dict[int, np.dtype[Any]] = {
+DTYPES: dict[pb.Dtype, np.dtype[Any]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_FLOAT16: np.dtype("<f2"),
     pb.DTYPE_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
@@ -30,7 +30,7 @@ DTYPES: dict[int, np.dtype[Any]] = {
 _WIRE_DTYPES = {dtype.newbyteorder("="): code for code, dtype in DTYPES.items()}
 
 
-def to_array(value: Any) -> np.ndarray:
+def to_array(value: Any) -> npt.NDArray[Any]:
     """Turn features into an array of a wire dtype.
 
     Accepts NumPy arrays of any shape, objects exposing ``__array__`` or
@@ -41,24 +41,25 @@ def to_array(value: Any) -> np.ndarray:
     Raises:
         InvalidArgument: for other dtypes (complex, object, ...).
     """
+    array: npt.NDArray[Any]
     if isinstance(value, (list, tuple)):
-        value = np.asarray(value, dtype=np.float32)
-    elif not isinstance(value, np.ndarray):
-        value = np.asarray(value) if hasattr(value, "__array__") else np.from_dlpack(value)
-    if value.dtype.newbyteorder("=") in _WIRE_DTYPES:
-        return value
-    if value.dtype.kind in "biu":
-        return value.astype(np.float32)
-    raise InvalidArgument(
-        f"features of dtype {value.dtype} cannot be sent: use float32, float16, bfloat16 or float64"
-    )
+        array = np.asarray(value, dtype=np.float32)
+    elif isinstance(value, np.ndarray):
+        array = value
+    else:
+        array = np.asarray(value) if hasattr(value, "__array__") else np.from_dlpack(value)
+    if array.dtype.newbyteorder("=") in _WIRE_DTYPES:
+        return array
+    if array.dtype.kind in "biu":
+        return array.astype(np.float32)
+    raise InvalidArgument(f"features of dtype {array.dtype} cannot be sent: use float32, float16, bfloat16 or float64")
 
 
 def encode(value: Any) -> pb.Tensor:
     """Encode features (anything :func:`to_array` takes) as a Tensor message."""
     array = to_array(value)
     wire = DTYPES[_WIRE_DTYPES[array.dtype.newbyteorder("=")]]
-    data = np.ascontiguousarray(array, dtype=wire)
+    data = array.astype(wire, order="C", copy=False)
     return pb.Tensor(
         dtype=_WIRE_DTYPES[wire.newbyteorder("=")],
         shape=data.shape,

@@ -29,16 +29,18 @@ class BackendError(RuntimeError):
 
 def array_module(array: Any) -> ModuleType:
     """NumPy or CuPy, whichever ``array`` belongs to."""
+    module: ModuleType = np
     if type(array).__module__.startswith("cupy"):
         import cupy
 
-        return cupy
-    return np
+        module = cupy
+    return module
 
 
 def block_size(array: Any) -> int:
-    """How many elements of ``array`` the engine processes at a time."""
-    return CPU_BLOCK if array_module(array) is np else max(int(array.size), 1)
+    """How many elements of ``array`` the engine processes at a time (>= 1)."""
+    size = max(int(array.size), 1)
+    return min(size, CPU_BLOCK) if array_module(array) is np else size
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from distill_server import __version__
 from distill_server.backend import BackendError
 from distill_server.server import DistillServer, ServerConfig
 
-__all__ = ["main", "parse_args"]
+__all__ = ["main", "parse_args", "serve"]
 
 log = logging.getLogger("distill_server")
 

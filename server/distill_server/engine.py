@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from distill_client.errors import (
     DimensionMismatch,
     EmptyInput,
@@ -112,24 +114,29 @@ class _SoftmaxKl:
 
 
 def _accumulate(teacher: Any, student: Any, *sums: Any) -> None:
-    """Feed both flat vectors, block by block as float64, to every accumulator."""
+    """Feed both flat vectors, block by block as float64, to every accumulator.
+
+    Non-finite values propagate to the sums, where the callers check them, so
+    NumPy's floating-point warnings are silenced.
+    """
     xp = array_module(teacher)
     t, s = teacher.reshape(-1), student.reshape(-1)
-    size = min(block_size(t), t.size)
+    size = block_size(t)
     tb, sb = xp.empty(size, dtype=xp.float64), xp.empty(size, dtype=xp.float64)
-    for start in range(0, t.size, size):
-        stop = min(start + size, t.size)
-        xp.copyto(tb[: stop - start], t[start:stop])
-        xp.copyto(sb[: stop - start], s[start:stop])
-        for acc in sums:
-            acc.add(xp, tb[: stop - start], sb[: stop - start])
+    with np.errstate(all="ignore"):
+        for start in range(0, t.size, size):
+            stop = min(start + size, t.size)
+            xp.copyto(tb[: stop - start], t[start:stop])
+            xp.copyto(sb[: stop - start], s[start:stop])
+            for acc in sums:
+                acc.add(xp, tb[: stop - start], sb[: stop - start])
 
 
 def mse(teacher: Any, student: Any) -> float:
     """``sum((t - s)^2) / n`` of two equally long, non-empty arrays."""
     sq = _SquaredError(array_module(teacher), block_size(teacher))
     _accumulate(teacher, student, sq)
-    return sq.total / teacher.size
+    return sq.total / int(teacher.size)
 
 
 def cosine(teacher: Any, student: Any) -> float:
@@ -169,7 +176,7 @@ def _combined(teacher: Any, student: Any, loss: DistilLoss) -> float:
     sq = _SquaredError(xp, block_size(teacher))
     kl = _SoftmaxKl(xp, block_size(teacher), loss.temperature)
     _accumulate(teacher, student, sq, kl)
-    return loss.kl_weight * _tau_squared(loss.temperature) * kl.value() + loss.mse_weight * sq.total / teacher.size
+    return loss.kl_weight * _tau_squared(loss.temperature) * kl.value() + loss.mse_weight * sq.total / int(teacher.size)
 
 
 def loss_value(loss: DistilLoss, teacher: Any, student: Any) -> float:
@@ -220,7 +227,7 @@ def _compute(index: int, layer: Layer, teacher: Any, student: Any, fields: tuple
     value = loss_value(layer.loss, teacher, student)
     weighted = layer.weight * value
     if not math.isfinite(weighted):
-        for field, array in zip(fields, (teacher, student)):
+        for field, array in zip(fields, (teacher, student), strict=True):
             at = _first_non_finite(array)
             if at is not None:
                 raise NonFiniteInput(
@@ -280,9 +287,9 @@ def total_loss(
                 got=len(tensors),
             )
     fields = [(f"teachers[{i}]", f"students[{i}]") for i in range(len(layers))]
-    for i, (teacher, student) in enumerate(zip(teachers, students)):
+    for i, (teacher, student) in enumerate(zip(teachers, students, strict=True)):
         _check_pair(i, teacher, student, fields[i])
-    results = [_compute(i, *args) for i, args in enumerate(zip(layers, teachers, students, fields))]
+    results = [_compute(i, *args) for i, args in enumerate(zip(layers, teachers, students, fields, strict=True))]
     try:
         total = math.fsum(result.weighted_loss for result in results)
     except OverflowError:

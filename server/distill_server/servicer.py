@@ -1,6 +1,6 @@
 """The DistillService methods: decode and check -> engine -> encode.
 
-The computation runs in a thread pool so the event loop keeps accepting
+Large computations run in a thread pool so the event loop keeps accepting
 calls; every error is translated to a rich status in :meth:`_run`, the one
 place that does it.
 """
@@ -14,6 +14,7 @@ from concurrent.futures import Executor
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from distill.v1 import distill_pb2 as pb
 from distill.v1 import distill_pb2_grpc as pb_grpc
@@ -28,7 +29,11 @@ __all__ = ["DistillServicer"]
 
 log = logging.getLogger(__name__)
 
-_Request = TypeVar("_Request")
+INLINE_BYTES = 64 * 1024
+"""Requests up to this size are computed on the event loop: a hop to a pool
+thread costs more (about 0.1 ms here) than their whole computation."""
+
+_Request = TypeVar("_Request", bound=Message)
 _Response = TypeVar("_Response")
 
 
@@ -88,8 +93,11 @@ class DistillServicer(pb_grpc.DistillServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> _Response:
         """Run ``method`` in the pool; a DistillError aborts with its rich status."""
-        loop = asyncio.get_running_loop()
+        log.debug("call started: rpc=%s peer=%s", method.__name__.strip("_"), context.peer())
         try:
+            if request.ByteSize() <= INLINE_BYTES:
+                return self._compute(method, request)
+            loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.executor, self._compute, method, request)
         except DistillError as error:
             failure = error

@@ -1,0 +1,125 @@
+"""The ``distill-server`` command: flags, start-up, limits, signals and shutdown."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from distill_client import DistillClient, DistilLoss, MessageTooLarge, Unavailable
+from tests.conftest import CUDA, ServerProcess
+from tests.reference import reference
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "distill_server", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_help_lists_every_flag() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in ("--host", "--port", "--device", "--workers", "--max-message-mb", "--grace", "--log-level"):
+        assert flag in result.stdout
+
+
+def test_ready_line_names_address_and_device(server: ServerProcess) -> None:
+    assert f"ready on 127.0.0.1:{server.port} (device cpu" in server.text()
+
+
+def test_busy_port_fails_loudly(server: ServerProcess) -> None:
+    result = run_cli("--host", "127.0.0.1", "--port", str(server.port), "--device", "cpu")
+    assert result.returncode == 1
+    assert f"cannot serve on 127.0.0.1:{server.port}" in result.stderr
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x"])
+def test_unknown_device_is_refused(device: str) -> None:
+    result = run_cli("--port", "0", "--device", device)
+    assert result.returncode == 2
+    assert f"cannot use device {device!r}" in result.stderr
+
+
+@pytest.mark.skipif(CUDA, reason="this machine has a CUDA device")
+def test_cuda_without_a_gpu_is_refused() -> None:
+    result = run_cli("--port", "0", "--device", "cuda")
+    assert result.returncode == 2
+    assert "cannot use device 'cuda'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--max-message-mb", "0"), ("--max-message-mb", "4096"), ("--workers", "0")]
+)
+def test_out_of_range_flags_are_refused(flag: str, value: str) -> None:
+    result = run_cli(flag, value)
+    assert result.returncode == 2
+    assert flag in result.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_drains_calls_in_flight_and_exits_zero(start_server: type[ServerProcess], sig: int) -> None:
+    # One worker and four calls: when the fourth call has reached the server,
+    # at least one computation is still queued, so the signal finds calls in flight.
+    proc = start_server(["--device", "cpu", "--workers", "1", "--grace", "30", "--log-level", "DEBUG"])
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=8 * 1024 * 1024).astype(np.float32)  # 2 x 32 MiB per call
+    s = t + rng.normal(size=t.size).astype(np.float32)
+    loss = DistilLoss.kl_divergence(2.0)
+    expected = reference(loss, t, s)
+    results: list[tuple[float, float]] = []
+    failures: list[BaseException] = []
+    client = DistillClient(proc.target, timeout=120)
+
+    def call() -> None:
+        try:
+            value = client.compute_layer_loss([(1.0, loss)], 0, t, s).loss
+            results.append((value, time.monotonic()))
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    proc.wait_for_lines("call started", 4)
+    signalled = time.monotonic()
+    proc.signal(sig)
+    for thread in threads:
+        thread.join(120)
+    assert proc.wait(60) == 0
+    client.close()
+    assert not failures, failures
+    assert len(results) == 4
+    assert all(value == pytest.approx(expected, rel=1e-10) for value, _ in results)
+    assert max(done for _, done in results) > signalled, "no call was in flight at the signal"
+    assert "draining" in proc.text()
+    with DistillClient(proc.target, timeout=5) as late, pytest.raises(Unavailable):
+        late.server_info()
+
+
+def test_request_over_the_server_limit(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu", "--max-message-mb", "1"])
+    big = np.ones(300_000, np.float32)  # 2 x 1.2 MB
+    with DistillClient(proc.target, timeout=30) as client:
+        with pytest.raises(MessageTooLarge) as info:
+            client.compute_layer_loss([(1.0, DistilLoss.mse())], 0, big, big)
+        assert "--max-message-mb" in info.value.message
+        assert client.server_info().max_message_bytes == 1024 * 1024
+
+
+def test_request_over_the_client_limit(server: ServerProcess) -> None:
+    big = np.ones(300_000, np.float32)
+    with DistillClient(server.target, max_message_bytes=1024 * 1024, timeout=30) as client:
+        with pytest.raises(MessageTooLarge) as info:
+            client.compute_layer_loss([(1.0, DistilLoss.mse())], 0, big, big)
+    assert "max_message_bytes" in info.value.message
+
+
+def test_unreachable_server_is_unavailable() -> None:
+    with DistillClient("127.0.0.1:1", timeout=5) as client, pytest.raises(Unavailable):
+        client.server_info()

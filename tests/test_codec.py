@@ -1,0 +1,87 @@
+"""The tensor codec: arrays <-> Tensor messages."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from distill.v1 import distill_pb2 as pb
+from distill_client import InvalidArgument, tensors
+
+WIRE = {
+    pb.DTYPE_FLOAT32: np.float32,
+    pb.DTYPE_FLOAT16: np.float16,
+    pb.DTYPE_BFLOAT16: ml_dtypes.bfloat16,
+    pb.DTYPE_FLOAT64: np.float64,
+}
+
+
+@pytest.mark.parametrize(("code", "dtype"), WIRE.items(), ids=[pb.Dtype.Name(c) for c in WIRE])
+@pytest.mark.parametrize("shape", [(), (0,), (5,), (2, 3, 4)], ids=str)
+def test_round_trip(code: int, dtype: Any, shape: tuple[int, ...]) -> None:
+    array = np.arange(np.prod(shape, dtype=int), dtype=np.float32).reshape(shape).astype(dtype) - 1
+    message = tensors.encode(array)
+    assert message.dtype == code
+    assert tuple(message.shape) == shape
+    assert len(message.data) == array.size * np.dtype(dtype).itemsize
+    decoded = tensors.decode(pb.Tensor.FromString(message.SerializeToString()))
+    assert decoded.dtype == np.dtype(dtype)
+    assert decoded.shape == shape
+    np.testing.assert_array_equal(decoded, array)
+
+
+def test_wire_bytes_are_little_endian_c_order() -> None:
+    array = np.arange(6, dtype=">f4").reshape(2, 3).T  # big-endian and Fortran-ordered
+    message = tensors.encode(array)
+    assert message.data == np.ascontiguousarray(array, dtype="<f4").tobytes()
+    assert tuple(message.shape) == (3, 2)
+
+
+def test_decode_is_a_view_on_the_message_bytes() -> None:
+    message = tensors.encode(np.ones(1000, np.float32))
+    decoded = tensors.decode(message)
+    assert not decoded.flags.owndata
+    assert not decoded.flags.writeable
+    base = decoded
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert isinstance(base, bytes)
+
+
+def test_lists_and_integers_become_float32() -> None:
+    assert tensors.encode([1.0, 2.5]).dtype == pb.DTYPE_FLOAT32
+    assert tensors.encode([[1, 2], [3, 4]]).shape == [2, 2]
+    assert tensors.encode(np.arange(3)).dtype == pb.DTYPE_FLOAT32
+    assert tensors.encode(np.float64(2.0)).dtype == pb.DTYPE_FLOAT64
+
+
+@pytest.mark.parametrize("value", [np.ones(3, np.complex64), np.array(["a"]), np.array([object()])], ids=str)
+def test_unsupported_dtypes_are_refused_before_sending(value: np.ndarray) -> None:
+    with pytest.raises(InvalidArgument, match="cannot be sent"):
+        tensors.encode(value)
+
+
+@pytest.mark.parametrize(
+    ("message", "field", "text"),
+    [
+        (pb.Tensor(dtype=99, shape=[1], data=b"1234"), "x.dtype", "99"),
+        (pb.Tensor(shape=[1], data=b"1234"), "x.dtype", "DTYPE_UNSPECIFIED"),
+        (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[3, -1], data=b""), "x.shape", "shape[1] is -1"),
+        (pb.Tensor(dtype=pb.DTYPE_FLOAT64, shape=[2], data=b"\0" * 15), "x.data", "needs 16"),
+        (pb.Tensor(dtype=pb.DTYPE_FLOAT16, shape=[2**40, 2**40], data=b""), "x.data", "has 0 bytes"),
+    ],
+)
+def test_decode_errors_name_the_field(message: pb.Tensor, field: str, text: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        tensors.decode(message, "x")
+    assert info.value.field == field
+    assert text in info.value.message
+
+
+def test_native_order_is_little_endian() -> None:
+    # The bfloat16 wire type is ml_dtypes' native layout; the wire is little-endian.
+    assert sys.byteorder == "little"

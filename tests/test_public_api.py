@@ -1,0 +1,48 @@
+"""The public surface is exact: sorted ``__all__`` naming every public name."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+
+MODULES = [
+    "distill_client",
+    "distill_client.client",
+    "distill_client.distiller",
+    "distill_client.errors",
+    "distill_client.losses",
+    "distill_client.tensors",
+    "distill_server",
+    "distill_server.backend",
+    "distill_server.cli",
+    "distill_server.engine",
+    "distill_server.probe",
+    "distill_server.server",
+    "distill_server.servicer",
+    "distill_server.status",
+    "distill_server.validation",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_all_is_sorted_and_complete(name: str) -> None:
+    module = importlib.import_module(name)
+    exported = module.__all__
+    assert exported == sorted(exported)
+    assert all(hasattr(module, item) for item in exported)
+    defined_here = {
+        item
+        for item, value in vars(module).items()
+        if not item.startswith("_")
+        and (inspect.isclass(value) or inspect.isfunction(value))
+        and value.__module__ == name
+    }
+    assert defined_here <= set(exported), defined_here - set(exported)
+
+
+def test_typed_marker_ships() -> None:
+    import distill_client
+
+    assert (importlib.resources.files(distill_client) / "py.typed").is_file()
