@@ -20,7 +20,9 @@ LIMIT = 512 * 1024 * 1024
 
 
 class Bare(pb_grpc.DistillServiceServicer):
-    def ComputeTotalLoss(self, request: pb.ComputeTotalLossRequest, context: grpc.ServicerContext) -> pb.ComputeTotalLossResponse:
+    def ComputeTotalLoss(
+        self, request: pb.ComputeTotalLossRequest, context: grpc.ServicerContext
+    ) -> pb.ComputeTotalLossResponse:
         t = np.frombuffer(request.teachers[0].data, dtype=np.float32)
         s = np.frombuffer(request.students[0].data, dtype=np.float32)
         d = t - s

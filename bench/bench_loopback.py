@@ -75,6 +75,31 @@ def fmt(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def measure(client: DistillClient, stub: pb_grpc.DistillServiceStub, name: str, repeats: int) -> str:
+    """One table row: ``ComputeTotalLoss`` of one MSE layer, ours against bare."""
+    n = SIZES[name] // 4
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=n).astype(np.float32)
+    s = rng.normal(size=n).astype(np.float32)
+    layers = [(1.0, DistilLoss.mse())]
+
+    def ours() -> float:
+        return client.compute_total_loss(layers, [t], [s]).total
+
+    def bare_call() -> float:
+        request = pb.ComputeTotalLossRequest(
+            layers=[pb.Layer(weight=1.0, loss=pb.Loss(mse=pb.Loss.Mse()))],
+            teachers=[pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[n], data=t.tobytes())],
+            students=[pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[n], data=s.tobytes())],
+        )
+        return float(stub.ComputeTotalLoss(request).total_loss)
+
+    assert abs(ours() - bare_call()) <= 1e-3 * abs(ours())  # the bare dot sums in float32
+    reps = repeats if n < (1 << 22) else max(5, repeats // 10)
+    a, b = median_seconds(ours, reps), median_seconds(bare_call, reps)
+    return f"| 2 x {name}B | {fmt(a)} | {fmt(b)} | {a / b:.2f}x |"
+
+
 def transport(sizes: list[str], repeats: int) -> list[str]:
     distill, distill_target = start_distill_server()
     bare, bare_target = start_bare_server()
@@ -89,28 +114,8 @@ def transport(sizes: list[str], repeats: int) -> list[str]:
             options=[("grpc.max_send_message_length", LIMIT), ("grpc.max_receive_message_length", LIMIT)],
         )
         stub = pb_grpc.DistillServiceStub(channel)
-        layers = [(1.0, DistilLoss.mse())]
         for name in sizes:
-            n = SIZES[name] // 4
-            rng = np.random.default_rng(0)
-            t = rng.normal(size=n).astype(np.float32)
-            s = rng.normal(size=n).astype(np.float32)
-
-            def ours() -> float:
-                return client.compute_total_loss(layers, [t], [s]).total
-
-            def bare_call() -> float:
-                request = pb.ComputeTotalLossRequest(
-                    layers=[pb.Layer(weight=1.0, loss=pb.Loss(mse=pb.Loss.Mse()))],
-                    teachers=[pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[n], data=t.tobytes())],
-                    students=[pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[n], data=s.tobytes())],
-                )
-                return float(stub.ComputeTotalLoss(request).total_loss)
-
-            assert abs(ours() - bare_call()) <= 1e-3 * abs(ours())  # the bare dot sums in float32
-            reps = repeats if n < (1 << 22) else max(5, repeats // 10)
-            a, b = median_seconds(ours, reps), median_seconds(bare_call, reps)
-            rows.append(f"| 2 x {name}B | {fmt(a)} | {fmt(b)} | {a / b:.2f}x |")
+            rows.append(measure(client, stub, name, repeats))
             print(rows[-1], file=sys.stderr)
         client.close()
         channel.close()
@@ -162,7 +167,9 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--skip-compute", action="store_true")
     args = parser.parse_args()
-    print(f"Python {platform.python_version()}, numpy {np.__version__}, grpcio {grpc.__version__}, {platform.machine()}")
+    print(
+        f"Python {platform.python_version()}, numpy {np.__version__}, grpcio {grpc.__version__}, {platform.machine()}"
+    )
     print()
     print("\n".join(transport(args.sizes.split(","), args.repeats)))
     if not args.skip_compute:

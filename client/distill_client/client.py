@@ -6,14 +6,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 
 from distill.v1 import distill_pb2 as pb
 from distill.v1 import distill_pb2_grpc as pb_grpc
-from distill_client import tensors
+from distill_client import wire
 from distill_client.errors import from_rpc_error
 from distill_client.losses import DistilLoss, LayerLoss, LossKind
 
@@ -34,7 +34,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 LayerSpec = tuple[float, DistilLoss]
 """A layer as the reference holds it: ``(weight, loss)``."""
 
-_Response = TypeVar("_Response", bound=Message)
+
+def _method(name: str) -> str:
+    return f"/{pb.DESCRIPTOR.services_by_name['DistillService'].full_name}/{name}"
 
 
 def default_target() -> str:
@@ -108,6 +110,13 @@ class DistillClient:
         else:
             self._channel = grpc.secure_channel(self.target, credentials, options=channel_options)
         self._stub = pb_grpc.DistillServiceStub(self._channel)
+        # The two loss methods send requests framed by distill_client.wire.
+        self._layer_loss = self._channel.unary_unary(
+            _method("ComputeLayerLoss"), response_deserializer=pb.ComputeLayerLossResponse.FromString
+        )
+        self._total_loss = self._channel.unary_unary(
+            _method("ComputeTotalLoss"), response_deserializer=pb.ComputeTotalLossResponse.FromString
+        )
 
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
@@ -124,7 +133,7 @@ class DistillClient:
     ) -> None:
         self.close()
 
-    def _call(self, method: Any, request: Message, timeout: float | None) -> Any:
+    def _call(self, method: Any, request: Message | bytes, timeout: float | None) -> Any:
         """Make one call; every gRPC error becomes its DistillError here."""
         try:
             return method(request, timeout=self.timeout if timeout is None else timeout)
@@ -146,13 +155,12 @@ class DistillClient:
         ``teacher`` and ``student`` are arrays of any shape (flattened),
         DLPack or ``__array__`` objects, or lists of floats.
         """
-        request = pb.ComputeLayerLossRequest(
-            layers=_layers(layers, names),
-            layer_index=layer_index,
-            teacher=tensors.encode(teacher),
-            student=tensors.encode(student),
+        request = wire.build(
+            pb.ComputeLayerLossRequest(layers=_layers(layers, names), layer_index=layer_index),
+            teacher=teacher,
+            student=student,
         )
-        response: pb.ComputeLayerLossResponse = self._call(self._stub.ComputeLayerLoss, request, timeout)
+        response: pb.ComputeLayerLossResponse = self._call(self._layer_loss, request, timeout)
         return LayerLoss.from_proto(response.layer_loss)
 
     def compute_total_loss(
@@ -165,12 +173,10 @@ class DistillClient:
         timeout: float | None = None,
     ) -> TotalLoss:
         """The weighted sum of every layer's loss, and each layer's part."""
-        request = pb.ComputeTotalLossRequest(
-            layers=_layers(layers, names),
-            teachers=[tensors.encode(t) for t in teachers],
-            students=[tensors.encode(s) for s in students],
+        request = wire.build(
+            pb.ComputeTotalLossRequest(layers=_layers(layers, names)), teachers=teachers, students=students
         )
-        response: pb.ComputeTotalLossResponse = self._call(self._stub.ComputeTotalLoss, request, timeout)
+        response: pb.ComputeTotalLossResponse = self._call(self._total_loss, request, timeout)
         return TotalLoss(response.total_loss, [LayerLoss.from_proto(r) for r in response.layer_losses])
 
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:

@@ -8,7 +8,8 @@ from ``ml_dtypes``, the maintained NumPy extension that JAX and TensorFlow use.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol, cast
 
 import ml_dtypes
 import numpy as np
@@ -17,7 +18,7 @@ import numpy.typing as npt
 from distill.v1 import distill_pb2 as pb
 from distill_client.errors import InvalidArgument
 
-__all__ = ["DTYPES", "decode", "encode", "to_array"]
+__all__ = ["DTYPES", "TensorLike", "decode", "encode", "to_array", "to_wire"]
 
 DTYPES: dict[pb.Dtype, np.dtype[Any]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
@@ -55,28 +56,43 @@ def to_array(value: Any) -> npt.NDArray[Any]:
     raise InvalidArgument(f"features of dtype {array.dtype} cannot be sent: use float32, float16, bfloat16 or float64")
 
 
+def to_wire(value: Any) -> tuple[pb.Dtype, npt.NDArray[Any]]:
+    """Features as their wire dtype and a little-endian, C-ordered array.
+
+    Copies only when the input is not already laid out so.
+    """
+    array = to_array(value)
+    code = _WIRE_DTYPES[array.dtype.newbyteorder("=")]
+    return code, array.astype(DTYPES[code], order="C", copy=False)
+
+
 def encode(value: Any) -> pb.Tensor:
     """Encode features (anything :func:`to_array` takes) as a Tensor message."""
-    array = to_array(value)
-    wire = DTYPES[_WIRE_DTYPES[array.dtype.newbyteorder("=")]]
-    data = array.astype(wire, order="C", copy=False)
-    return pb.Tensor(
-        dtype=_WIRE_DTYPES[wire.newbyteorder("=")],
-        shape=data.shape,
-        data=data.tobytes(),
-    )
+    code, array = to_wire(value)
+    return pb.Tensor(dtype=code, shape=array.shape, data=array.tobytes())
 
 
-def decode(tensor: pb.Tensor, field: str = "tensor") -> npt.NDArray[Any]:
-    """Decode a Tensor message into a read-only array viewing its bytes.
+class TensorLike(Protocol):
+    """A Tensor message, or a view of one (:class:`distill_client.wire.TensorView`)."""
 
-    ``tensor.data`` is read once (each read of a bytes field copies it).
+    @property
+    def dtype(self) -> int: ...
+    @property
+    def shape(self) -> Sequence[int]: ...
+    @property
+    def data(self) -> bytes | memoryview: ...
+
+
+def decode(tensor: TensorLike, field: str = "tensor") -> npt.NDArray[Any]:
+    """Decode a Tensor into a read-only array viewing its bytes (no copy).
+
+    ``tensor.data`` is read once (each read of a protobuf bytes field copies it).
 
     Raises:
         InvalidArgument: unknown dtype, negative dimension, or a data length
             other than product(shape) x itemsize; the error names ``field``.
     """
-    dtype = DTYPES.get(tensor.dtype)
+    dtype = DTYPES.get(cast(pb.Dtype, tensor.dtype))
     if dtype is None:
         name = pb.Dtype.Name(tensor.dtype) if tensor.dtype in pb.Dtype.values() else str(tensor.dtype)
         known = ", ".join(pb.Dtype.Name(code) for code in DTYPES)

@@ -14,18 +14,14 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from distill.v1 import distill_pb2 as pb
-from distill.v1 import distill_pb2_grpc as pb_grpc
 from distill_client.losses import DistilLoss
 from distill_server import backend as backends
 from distill_server import engine
-from distill_server.servicer import DistillServicer
+from distill_server.servicer import SERVICE_NAME, DistillServicer, add_to_server
 
 __all__ = ["DistillServer", "ServerConfig", "format_address"]
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DistillService"].full_name
 
 
 @dataclass(frozen=True)
@@ -80,9 +76,7 @@ class DistillServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_DistillServiceServicer_to_server(
-            DistillServicer(self.backend, self.executor, config.max_message_bytes), self.server
-        )
+        add_to_server(DistillServicer(self.backend, self.executor, config.max_message_bytes), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

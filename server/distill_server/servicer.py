@@ -14,18 +14,18 @@ from concurrent.futures import Executor
 from typing import TypeVar
 
 import grpc
-from google.protobuf.message import Message
 
 from distill.v1 import distill_pb2 as pb
-from distill.v1 import distill_pb2_grpc as pb_grpc
-from distill_client import tensors
+from distill_client import tensors, wire
 from distill_client.errors import DistillError, Internal
 from distill_client.losses import LossKind
 from distill_server import __version__, engine, validation
 from distill_server.backend import Backend
 from distill_server.status import to_status
 
-__all__ = ["DistillServicer"]
+__all__ = ["SERVICE_NAME", "DistillServicer", "add_to_server"]
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["DistillService"].full_name
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,16 @@ INLINE_BYTES = 64 * 1024
 """Requests up to this size are computed on the event loop: a hop to a pool
 thread costs more (about 0.1 ms here) than their whole computation."""
 
-_Request = TypeVar("_Request", bound=Message)
+_Request = TypeVar("_Request", bound=bytes)
 _Response = TypeVar("_Response")
 
 
-class DistillServicer(pb_grpc.DistillServiceServicer):
-    """Computes losses on ``backend`` in ``executor``'s threads."""
+class DistillServicer:
+    """Computes losses on ``backend``, large ones in ``executor``'s threads.
+
+    The loss methods take the serialized request: :mod:`distill_client.wire`
+    splits it so that tensors are views on the received bytes.
+    """
 
     def __init__(self, backend: Backend, executor: Executor, max_message_bytes: int) -> None:
         self.backend = backend
@@ -52,14 +56,10 @@ class DistillServicer(pb_grpc.DistillServiceServicer):
             max_message_bytes=max_message_bytes,
         )
 
-    async def ComputeLayerLoss(
-        self, request: pb.ComputeLayerLossRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ComputeLayerLossResponse:
+    async def ComputeLayerLoss(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.ComputeLayerLossResponse:
         return await self._run(self._layer_loss, request, context)
 
-    async def ComputeTotalLoss(
-        self, request: pb.ComputeTotalLossRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ComputeTotalLossResponse:
+    async def ComputeTotalLoss(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.ComputeTotalLossResponse:
         return await self._run(self._total_loss, request, context)
 
     async def GetServerInfo(
@@ -67,18 +67,20 @@ class DistillServicer(pb_grpc.DistillServiceServicer):
     ) -> pb.GetServerInfoResponse:
         return self.info
 
-    def _layer_loss(self, request: pb.ComputeLayerLossRequest) -> pb.ComputeLayerLossResponse:
+    def _layer_loss(self, payload: bytes) -> pb.ComputeLayerLossResponse:
+        request, views = wire.split(pb.ComputeLayerLossRequest, payload)
         layers = validation.layers(request.layers)
         index = validation.layer_index(request.layer_index)
-        teacher = validation.tensor(request.teacher, "teacher", self.backend)
-        student = validation.tensor(request.student, "student", self.backend)
+        teacher = validation.tensor(views["teacher"], "teacher", self.backend)
+        student = validation.tensor(views["student"], "student", self.backend)
         result = engine.layer_loss(layers, index, teacher, student)
         return pb.ComputeLayerLossResponse(layer_loss=result.to_proto())
 
-    def _total_loss(self, request: pb.ComputeTotalLossRequest) -> pb.ComputeTotalLossResponse:
+    def _total_loss(self, payload: bytes) -> pb.ComputeTotalLossResponse:
+        request, views = wire.split(pb.ComputeTotalLossRequest, payload)
         layers = validation.layers(request.layers)
-        teachers = validation.tensor_list(request.teachers, "teachers", self.backend)
-        students = validation.tensor_list(request.students, "students", self.backend)
+        teachers = validation.tensor_list(views["teachers"], "teachers", self.backend)
+        students = validation.tensor_list(views["students"], "students", self.backend)
         total, results = engine.total_loss(layers, teachers, students)
         return pb.ComputeTotalLossResponse(total_loss=total, layer_losses=[r.to_proto() for r in results])
 
@@ -95,7 +97,7 @@ class DistillServicer(pb_grpc.DistillServiceServicer):
         """Run ``method`` in the pool; a DistillError aborts with its rich status."""
         log.debug("call started: rpc=%s peer=%s", method.__name__.strip("_"), context.peer())
         try:
-            if request.ByteSize() <= INLINE_BYTES:
+            if len(request) <= INLINE_BYTES:
                 return self._compute(method, request)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.executor, self._compute, method, request)
@@ -114,3 +116,23 @@ class DistillServicer(pb_grpc.DistillServiceServicer):
         )
         await context.abort_with_status(to_status(failure))
         raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+def add_to_server(servicer: DistillServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer's methods; the loss requests arrive as raw bytes."""
+    rpc = grpc.unary_unary_rpc_method_handler
+    handlers = {
+        "ComputeLayerLoss": rpc(
+            servicer.ComputeLayerLoss, response_serializer=pb.ComputeLayerLossResponse.SerializeToString
+        ),
+        "ComputeTotalLoss": rpc(
+            servicer.ComputeTotalLoss, response_serializer=pb.ComputeTotalLossResponse.SerializeToString
+        ),
+        "GetServerInfo": rpc(
+            servicer.GetServerInfo,
+            request_deserializer=pb.GetServerInfoRequest.FromString,
+            response_serializer=pb.GetServerInfoResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

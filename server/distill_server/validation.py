@@ -15,6 +15,7 @@ from distill.v1 import distill_pb2 as pb
 from distill_client import tensors
 from distill_client.errors import InvalidArgument
 from distill_client.losses import DistilLoss
+from distill_client.wire import TensorView
 from distill_server.backend import Backend
 from distill_server.engine import Layer
 
@@ -46,14 +47,20 @@ def layers(messages: Sequence[pb.Layer]) -> list[Layer]:
     return checked
 
 
-def tensor(message: pb.Tensor, field: str, backend: Backend) -> Any:
-    """One decoded tensor, on the backend's device."""
-    return backend.to_device(tensors.decode(message, field))
+def tensor(views: Sequence[TensorView], field: str, backend: Backend) -> Any:
+    """A singular Tensor field, decoded onto the backend's device.
+
+    Raises:
+        InvalidArgument: the field is not set, or the tensor is malformed.
+    """
+    if not views:
+        raise InvalidArgument(f"{field} is not set", field=field)
+    return backend.to_device(tensors.decode(views[0], field))
 
 
-def tensor_list(messages: Sequence[pb.Tensor], field: str, backend: Backend) -> list[Any]:
-    """Decoded tensors of a repeated field, on the backend's device."""
-    return [tensor(message, f"{field}[{i}]", backend) for i, message in enumerate(messages)]
+def tensor_list(views: Sequence[TensorView], field: str, backend: Backend) -> list[Any]:
+    """A repeated Tensor field, decoded onto the backend's device."""
+    return [backend.to_device(tensors.decode(view, f"{field}[{i}]")) for i, view in enumerate(views)]
 
 
 def layer_index(index: int) -> int:
