@@ -141,13 +141,13 @@ def compute(repeats: int) -> list[str]:
         return float(4.0 * (np.exp(log_p) * (log_p - log_q)).sum())
 
     cases = [
-        ("MSE", lambda: engine.mse(t, s), lambda: float(np.mean((t - s) ** 2))),
+        ("MSE", lambda: engine.loss_value(DistilLoss.mse(), t, s), lambda: float(np.mean((t - s) ** 2))),
         (
             "cosine",
-            lambda: engine.cosine(t, s),
+            lambda: engine.loss_value(DistilLoss.cosine(), t, s),
             lambda: float(1 - np.dot(t, s) / (np.linalg.norm(t) * np.linalg.norm(s))),
         ),
-        ("KL (tau 2)", lambda: engine.kl_divergence(t, s, 2.0), numpy_kl),
+        ("KL (tau 2)", lambda: engine.loss_value(DistilLoss.kl_divergence(2.0), t, s), numpy_kl),
     ]
     gb = 2 * t.nbytes / 1e9
     rows = [

@@ -14,23 +14,30 @@ PROTO_ROOT = ROOT / "protos"
 PROTO = PROTO_ROOT / "distill" / "v1" / "distill.proto"
 
 
-def generate(out_dir: Path) -> None:
-    """Run protoc (from grpcio-tools) on the contract, writing into `out_dir`."""
+def include_paths() -> list[str]:
+    """protoc's -I flags: the proto root, the well-known types, google/rpc."""
     import grpc_tools
-    from grpc_tools import protoc
+    from google.rpc import status_pb2
 
-    include = Path(grpc_tools.__file__).parent / "_proto"
-    args = [
-        "protoc",
+    return [
         f"-I{PROTO_ROOT}",
-        f"-I{include}",
-        f"--python_out={out_dir}",
-        f"--pyi_out={out_dir}",
-        f"--grpc_python_out={out_dir}",
-        str(PROTO),
+        f"-I{Path(grpc_tools.__file__).parent / '_proto'}",
+        f"-I{Path(status_pb2.__file__).parents[2]}",
     ]
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed: {' '.join(args)}")
+
+
+def protoc(*args: str) -> None:
+    """Run grpcio-tools' protoc on the contract with extra arguments."""
+    from grpc_tools import protoc as tool
+
+    command = ["protoc", *include_paths(), *args, str(PROTO)]
+    if tool.main(command) != 0:
+        raise RuntimeError(f"protoc failed: {' '.join(command)}")
+
+
+def generate(out_dir: Path) -> None:
+    """Write distill/v1/distill_pb2{.py,.pyi,_grpc.py} under `out_dir`."""
+    protoc(f"--python_out={out_dir}", f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def test_layer_loss_cases(xp: ModuleType, case: dict[str, Any]) -> None:
             engine.layer_loss(layers, args["layer_index"], t, s)
         assert_seed_error(info.value, case["result"])
         return
-    result = engine.layer_loss(layers, args["layer_index"], t, s)
+    result = engine.layer_loss(layers, args["layer_index"], t, s).loss
     weight = layers[args["layer_index"]].weight
     assert result.weighted_loss == weight * result.loss
     assert_close(result.weighted_loss, case, seed.loss_of(case["distiller"]), weight)
@@ -120,8 +120,8 @@ def test_total_loss_cases(xp: ModuleType, case: dict[str, Any]) -> None:
         assert_seed_error(info.value, case["result"])
         return
     total, results = engine.total_loss(layers, teachers, students)
-    assert total == math.fsum(r.weighted_loss for r in results)
-    assert [r.index for r in results] == list(range(len(layers)))
+    assert total == math.fsum(r.loss.weighted_loss for r in results)
+    assert [r.loss.index for r in results] == list(range(len(layers)))
     weight = sum(abs(layer.weight) for layer in layers)
     assert_close(total, case, seed.loss_of(case["distiller"]), weight)
 
@@ -184,9 +184,10 @@ def test_overflowing_float64_inputs() -> None:
     with pytest.raises(LossOverflow):
         engine.layer_loss([Layer(1.0, DistilLoss.mse())], 0, big, -big)
     # Cosine is scale-free: huge parallel vectors are at distance 0, not NaN.
-    assert engine.cosine(big, big * 1e-300) == pytest.approx(0.0, abs=1e-15)
-    assert engine.cosine(big, -big) == pytest.approx(2.0)
-    assert engine.cosine(np.zeros(3), big) == 1.0
+    cosine = DistilLoss.cosine()
+    assert engine.loss_value(cosine, big, big * 1e-300) == pytest.approx(0.0, abs=1e-15)
+    assert engine.loss_value(cosine, big, -big) == pytest.approx(2.0)
+    assert engine.loss_value(cosine, np.zeros(3), big) == 1.0
 
 
 def test_weight_overflow_is_an_error() -> None:
@@ -199,14 +200,16 @@ def test_kl_stays_exact_where_the_seed_clamps() -> None:
     # Logit gap 1000: the reference clamps ln q at ln 1e-12 and gives 27.6.
     t = np.array([1000.0, 0.0, 0.0], np.float32)
     s = np.array([0.0, 1000.0, 0.0], np.float32)
-    assert engine.kl_divergence(t, s, 1.0) == pytest.approx(1000.0, rel=1e-12)
+    assert engine.loss_value(DistilLoss.kl_divergence(1.0), t, s) == pytest.approx(1000.0, rel=1e-12)
 
 
 def test_temperature_is_floored() -> None:
     t = np.array([0.5, 0.1, -0.2], np.float32)
     s = np.array([0.1, 0.5, -0.2], np.float32)
-    assert engine.kl_divergence(t, s, 0.0) == engine.kl_divergence(t, s, engine.MIN_TEMPERATURE)
-    assert engine.kl_divergence(t, s, -3.0) == engine.kl_divergence(t, s, engine.MIN_TEMPERATURE)
+    def kl(tau: float) -> float:
+        return engine.loss_value(seed.engine_loss({"kind": "kl_divergence", "temperature": tau}), t, s)
+
+    assert kl(0.0) == kl(-3.0) == kl(engine.MIN_TEMPERATURE)
 
 
 def test_shapes_are_flattened(xp: ModuleType) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 
-from scripts.gen_protos import PROTO, PROTO_ROOT, ROOT, generate
+from scripts.gen_protos import PROTO, PROTO_ROOT, ROOT, generate, protoc
 
 GENERATED = ROOT / "client" / "distill" / "v1"
 
@@ -22,13 +22,8 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
 
 
 def _descriptor(tmp_path: Path) -> descriptor_pb2.FileDescriptorProto:
-    from grpc_tools import protoc
-
     out = tmp_path / "distill.desc"
-    assert (
-        protoc.main(["protoc", f"-I{PROTO_ROOT}", "--include_source_info", f"--descriptor_set_out={out}", str(PROTO)])
-        == 0
-    )
+    protoc("--include_source_info", f"--descriptor_set_out={out}")
     return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
 
 

@@ -13,7 +13,8 @@ the same class with the same fields, in any client::
     │   ├── DimensionMismatch          DIMENSION_MISMATCH (expected, got)
     │   ├── TeacherStudentMismatch     TEACHER_STUDENT_MISMATCH (teacher, student)
     │   ├── EmptyInput                 EMPTY_INPUT
-    │   └── NonFiniteInput             NON_FINITE_INPUT (index)
+    │   ├── NonFiniteInput             NON_FINITE_INPUT (index)
+    │   └── ShapeMismatch              SHAPE_MISMATCH
     ├── DeadlineExceeded               DEADLINE_EXCEEDED
     ├── NotFound                       NOT_FOUND
     ├── PermissionDenied               PERMISSION_DENIED
@@ -61,6 +62,7 @@ __all__ = [
     "OutOfRange",
     "PermissionDenied",
     "ResourceExhausted",
+    "ShapeMismatch",
     "TeacherStudentMismatch",
     "Unauthenticated",
     "Unavailable",
@@ -204,6 +206,12 @@ class NonFiniteInput(InvalidArgument):
     reason = "NON_FINITE_INPUT"
     int_fields = ("index",)
     index: int
+
+
+class ShapeMismatch(InvalidArgument):
+    """Teacher and student shapes differ where a per-row loss needs them equal."""
+
+    reason = "SHAPE_MISMATCH"
 
 
 class DeadlineExceeded(DistillError):

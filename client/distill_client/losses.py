@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from distill.v1 import distill_pb2 as pb
 from distill_client.errors import InvalidArgument
 
-__all__ = ["DistilLoss", "LayerLoss", "LossKind"]
+__all__ = ["DistilLoss", "LayerLoss", "LossKind", "Reduction"]
 
 
 class LossKind(enum.Enum):
@@ -21,6 +21,19 @@ class LossKind(enum.Enum):
     COMBINED = pb.LOSS_KIND_COMBINED_KL_MSE
 
 
+class Reduction(enum.Enum):
+    """How a layer's tensors become one value; values are the proto's numbers.
+
+    ``FLATTEN`` (the reference's behaviour): each tensor is one flat vector.
+    ``PER_ROW`` (torchdistill, TextBrewer): cosine and KL over the last axis,
+    averaged over the rows; teacher and student must agree in shape. MSE is
+    the same in both.
+    """
+
+    FLATTEN = pb.REDUCTION_FLATTEN
+    PER_ROW = pb.REDUCTION_PER_ROW
+
+
 # LossKind <-> the name of its field in the Loss.kind oneof.
 _ONEOF = {
     LossKind.MSE: "mse",
@@ -29,6 +42,8 @@ _ONEOF = {
     LossKind.COMBINED: "combined_kl_mse",
 }
 _KINDS = {name: kind for kind, name in _ONEOF.items()}
+_CONSTRUCTORS = {**_ONEOF, LossKind.COMBINED: "combined"}
+_REDUCTIONS = {pb.REDUCTION_UNSPECIFIED: Reduction.FLATTEN, **{r.value: r for r in Reduction}}
 
 
 @dataclass(frozen=True)
@@ -44,6 +59,7 @@ class DistilLoss:
     temperature: float = 1.0
     kl_weight: float = 0.0
     mse_weight: float = 0.0
+    reduction: Reduction = Reduction.FLATTEN
 
     def __post_init__(self) -> None:
         prefix = _ONEOF[self.kind]
@@ -62,50 +78,57 @@ class DistilLoss:
                     )
 
     @classmethod
-    def mse(cls) -> DistilLoss:
+    def mse(cls, *, reduction: Reduction = Reduction.FLATTEN) -> DistilLoss:
         """Mean squared error: ``sum((t - s)^2) / n``."""
-        return cls(LossKind.MSE)
+        return cls(LossKind.MSE, reduction=reduction)
 
     @classmethod
-    def cosine(cls) -> DistilLoss:
+    def cosine(cls, *, reduction: Reduction = Reduction.FLATTEN) -> DistilLoss:
         """Cosine distance: ``1 - cos(t, s)``; two zero vectors give 1."""
-        return cls(LossKind.COSINE)
+        return cls(LossKind.COSINE, reduction=reduction)
 
     @classmethod
-    def kl_divergence(cls, temperature: float) -> DistilLoss:
+    def kl_divergence(cls, temperature: float, *, reduction: Reduction = Reduction.FLATTEN) -> DistilLoss:
         """``tau^2 * KL(softmax(t / tau) || softmax(s / tau))``."""
-        return cls(LossKind.KL_DIVERGENCE, temperature=float(temperature))
+        return cls(LossKind.KL_DIVERGENCE, temperature=float(temperature), reduction=reduction)
 
     @classmethod
-    def combined(cls, kl_weight: float, mse_weight: float, temperature: float) -> DistilLoss:
+    def combined(
+        cls, kl_weight: float, mse_weight: float, temperature: float, *, reduction: Reduction = Reduction.FLATTEN
+    ) -> DistilLoss:
         """``kl_weight * kl_divergence(temperature) + mse_weight * mse``."""
         return cls(
             LossKind.COMBINED,
             temperature=float(temperature),
             kl_weight=float(kl_weight),
             mse_weight=float(mse_weight),
+            reduction=reduction,
         )
 
     def __repr__(self) -> str:
         if self.kind is LossKind.KL_DIVERGENCE:
-            return f"DistilLoss.kl_divergence({self.temperature!r})"
-        if self.kind is LossKind.COMBINED:
-            return f"DistilLoss.combined({self.kl_weight!r}, {self.mse_weight!r}, {self.temperature!r})"
-        return f"DistilLoss.{_ONEOF[self.kind]}()"
+            args = [repr(self.temperature)]
+        elif self.kind is LossKind.COMBINED:
+            args = [repr(self.kl_weight), repr(self.mse_weight), repr(self.temperature)]
+        else:
+            args = []
+        if self.reduction is not Reduction.FLATTEN:
+            args.append(f"reduction=Reduction.{self.reduction.name}")
+        return f"DistilLoss.{_CONSTRUCTORS[self.kind]}({', '.join(args)})"
 
     def to_proto(self) -> pb.Loss:
         """The Loss message of this loss."""
+        message = pb.Loss(reduction=self.reduction.value)
         if self.kind is LossKind.MSE:
-            return pb.Loss(mse=pb.Loss.Mse())
-        if self.kind is LossKind.COSINE:
-            return pb.Loss(cosine=pb.Loss.Cosine())
-        if self.kind is LossKind.KL_DIVERGENCE:
-            return pb.Loss(kl_divergence=pb.Loss.KlDivergence(temperature=self.temperature))
-        return pb.Loss(
-            combined_kl_mse=pb.Loss.CombinedKlMse(
-                kl_weight=self.kl_weight, mse_weight=self.mse_weight, temperature=self.temperature
-            )
-        )
+            message.mse.SetInParent()
+        elif self.kind is LossKind.COSINE:
+            message.cosine.SetInParent()
+        elif self.kind is LossKind.KL_DIVERGENCE:
+            message.kl_divergence.temperature = self.temperature
+        else:
+            params = message.combined_kl_mse
+            params.kl_weight, params.mse_weight, params.temperature = self.kl_weight, self.mse_weight, self.temperature
+        return message
 
     @classmethod
     def from_proto(cls, message: pb.Loss) -> DistilLoss:
@@ -119,8 +142,14 @@ class DistilLoss:
         if name is None:
             raise InvalidArgument("the loss has no kind; set one of mse, cosine, kl_divergence, combined_kl_mse")
         kind = _KINDS[name]
+        if message.reduction not in _REDUCTIONS:
+            raise InvalidArgument(
+                f"reduction is {message.reduction}; expected REDUCTION_FLATTEN or REDUCTION_PER_ROW",
+                field="reduction",
+            )
+        reduction = _REDUCTIONS[message.reduction]
         if kind is LossKind.KL_DIVERGENCE:
-            return cls(kind, temperature=message.kl_divergence.temperature)
+            return cls(kind, temperature=message.kl_divergence.temperature, reduction=reduction)
         if kind is LossKind.COMBINED:
             params = message.combined_kl_mse
             return cls(
@@ -128,8 +157,9 @@ class DistilLoss:
                 temperature=params.temperature,
                 kl_weight=params.kl_weight,
                 mse_weight=params.mse_weight,
+                reduction=reduction,
             )
-        return cls(kind)
+        return cls(kind, reduction=reduction)
 
 
 @dataclass(frozen=True)

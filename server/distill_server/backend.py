@@ -68,6 +68,11 @@ class Backend:
             array = array.astype(np.float32)
         return self.xp.asarray(array)
 
+    def to_host(self, array: Any) -> np.ndarray:
+        """Copy a device array to the host (a no-op on the CPU)."""
+        host: np.ndarray = array if self.xp is np else array.get()
+        return host
+
     @contextlib.contextmanager
     def activate(self) -> Iterator[None]:
         """Make this device current in the calling thread."""

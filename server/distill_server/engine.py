@@ -1,14 +1,18 @@
-"""The loss math, written once for NumPy and CuPy.
+"""The loss math and its gradients, written once for NumPy and CuPy.
 
-Every loss is one pass over its inputs: the flat vectors are cast block by
-block into float64 scratch buffers (in cache on the CPU, one block on a GPU)
-and every sum the loss needs is accumulated from the same block. KL uses an
-online log-sum-exp, so it needs no separate pass for the maxima and stays
-finite where the reference clamps ``ln q`` at ``ln 1e-12``. Accumulating in
-float64 makes results at least as accurate as the float32 reference.
+Inputs are cast block by block into float64 (in cache on the CPU, one block
+on a GPU) and every sum a loss needs is taken from the same block, so a loss
+is one pass over memory; its gradient, which needs the finished sums, is a
+second pass that writes straight into the student's dtype.
 
-The distiller functions reproduce the reference ``FeatureDistiller``: its
-checks, their order and its error kinds (see SEMANTICS in the docs).
+- ``FLATTEN`` (the reference's behaviour): the tensors are flat vectors; KL
+  keeps an online log-sum-exp, so it needs no separate pass for the maxima
+  and stays finite where the reference clamps ``ln q`` at ``ln 1e-12``.
+- ``PER_ROW``: cosine and KL per row of the last axis, averaged over rows;
+  blocks hold whole rows, so the gradient comes out of the same pass.
+
+The distiller functions at the end reproduce the reference
+``FeatureDistiller``: its checks, their order and its error kinds.
 """
 
 from __future__ import annotations
@@ -26,19 +30,19 @@ from distill_client.errors import (
     LayerIndexOutOfRange,
     LossOverflow,
     NonFiniteInput,
+    ShapeMismatch,
     TeacherStudentMismatch,
 )
-from distill_client.losses import DistilLoss, LayerLoss, LossKind
+from distill_client.losses import DistilLoss, LayerLoss, LossKind, Reduction
 from distill_server.backend import array_module, block_size
 
 __all__ = [
     "MIN_TEMPERATURE",
     "Layer",
-    "cosine",
-    "kl_divergence",
+    "LayerResult",
+    "evaluate",
     "layer_loss",
     "loss_value",
-    "mse",
     "total_loss",
 ]
 
@@ -49,50 +53,64 @@ _NORM_FLOOR = 1e-12
 """Floor of the cosine denominator ``|t| |s|``, as in the reference."""
 
 
-class _SquaredError:
-    """``sum((t - s)^2)``."""
+@dataclass(frozen=True)
+class _Terms:
+    """What a loss is made of: factors of its MSE, cosine and KL parts."""
 
-    def __init__(self, xp: Any, size: int) -> None:
-        self.diff = xp.empty(size, dtype=xp.float64)
-        self.total = 0.0
+    mse: float
+    cosine: float
+    kl: float
+    tau: float
 
-    def add(self, xp: Any, t: Any, s: Any) -> None:
-        d = xp.subtract(t, s, out=self.diff[: t.size])
-        self.total += float(xp.dot(d, d))
-
-
-class _Dots:
-    """``dot(t, t)``, ``dot(s, s)`` and ``dot(t, s)``."""
-
-    def __init__(self, xp: Any, size: int) -> None:
-        self.tt = self.ss = self.ts = 0.0
-
-    def add(self, xp: Any, t: Any, s: Any) -> None:
-        self.tt += float(xp.dot(t, t))
-        self.ss += float(xp.dot(s, s))
-        self.ts += float(xp.dot(t, s))
+    @classmethod
+    def of(cls, loss: DistilLoss) -> _Terms:
+        tau = max(loss.temperature, MIN_TEMPERATURE)
+        if loss.kind is LossKind.MSE:
+            return cls(1.0, 0.0, 0.0, tau)
+        if loss.kind is LossKind.COSINE:
+            return cls(0.0, 1.0, 0.0, tau)
+        if loss.kind is LossKind.KL_DIVERGENCE:
+            return cls(0.0, 0.0, 1.0, tau)
+        return cls(loss.mse_weight, 0.0, loss.kl_weight, tau)
 
 
-class _SoftmaxKl:
-    """Online sums for ``KL(softmax(a) || softmax(b))``, ``a = t/tau``, ``b = s/tau``.
+def _blocks(n: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
-    Keeps the running maxima ``ma``, ``mb`` and, relative to them,
-    ``za = sum exp(a - ma)``, ``zb = sum exp(b - mb)`` and
-    ``w = sum exp(a - ma) (a - b)``; then
-    ``KL = w / za - (ma + ln za) + (mb + ln zb)``.
+
+# ---------------------------------------------------------------- FLATTEN
+
+
+class _Flat:
+    """Running sums over blocks of two flat vectors, for one loss's terms.
+
+    ``sq = sum((t - s)^2)``; ``tt, ss, ts`` the dot products; for KL, with
+    ``a = t/tau``, ``b = s/tau``: running maxima ``ma``, ``mb`` and, relative to
+    them, ``za = sum exp(a - ma)``, ``zb = sum exp(b - mb)``,
+    ``w = sum exp(a - ma) (a - b)``.
     """
 
-    def __init__(self, xp: Any, size: int, temperature: float) -> None:
-        self.scale = 1.0 / max(temperature, MIN_TEMPERATURE)
-        self.a, self.b, self.tmp = (xp.empty(size, dtype=xp.float64) for _ in range(3))
+    def __init__(self, terms: _Terms) -> None:
+        self.terms = terms
+        self.sq = self.tt = self.ss = self.ts = 0.0
         self.ma = self.mb = -math.inf
         self.za = self.zb = self.w = 0.0
 
-    def add(self, xp: Any, t: Any, s: Any) -> None:
-        n = t.size
-        a = xp.multiply(t, self.scale, out=self.a[:n])
-        b = xp.multiply(s, self.scale, out=self.b[:n])
-        tmp = self.tmp[:n]
+    def add(self, xp: Any, t: Any, s: Any, work: Any) -> None:
+        if self.terms.mse:
+            d = xp.subtract(t, s, out=work[0])
+            self.sq += float(xp.dot(d, d))
+        if self.terms.cosine:
+            self.tt += float(xp.dot(t, t))
+            self.ss += float(xp.dot(s, s))
+            self.ts += float(xp.dot(t, s))
+        if self.terms.kl:
+            self._add_kl(xp, t, s, work)
+
+    def _add_kl(self, xp: Any, t: Any, s: Any, work: Any) -> None:
+        a = xp.divide(t, self.terms.tau, out=work[0])
+        b = xp.divide(s, self.terms.tau, out=work[1])
+        tmp = work[2]
         ma, mb = float(a.max()), float(b.max())
         zb = float(xp.exp(xp.subtract(b, mb, out=tmp), out=tmp).sum())
         diff = xp.subtract(a, b, out=b)
@@ -109,89 +127,190 @@ class _SoftmaxKl:
         else:
             self.zb += zb * math.exp(mb - self.mb)
 
-    def value(self) -> float:
+    def cosine_parts(self) -> tuple[float, float, float]:
+        """``(value, alpha, beta)``: ``1 - c`` and its gradient ``alpha t + beta s``."""
+        product = self.tt * self.ss
+        floored = math.sqrt(product) < _NORM_FLOOR
+        denominator = _NORM_FLOOR if floored else math.sqrt(product)
+        c = self.ts / denominator
+        if not -1.0 <= c <= 1.0:  # clamped: flat in s
+            return 1.0 - min(max(c, -1.0), 1.0), 0.0, 0.0
+        return 1.0 - c, -1.0 / denominator, 0.0 if floored else c / self.ss
+
+    def kl(self) -> float:
+        """``KL(softmax(a) || softmax(b))`` from the running sums."""
         return self.w / self.za - (self.ma + math.log(self.za)) + (self.mb + math.log(self.zb))
 
 
-def _accumulate(teacher: Any, student: Any, *sums: Any) -> None:
-    """Feed both flat vectors, block by block as float64, to every accumulator.
-
-    Non-finite values propagate to the sums, where the callers check them, so
-    NumPy's floating-point warnings are silenced.
-    """
+def _flat(loss: DistilLoss, teacher: Any, student: Any, scale: float | None) -> tuple[float, Any]:
     xp = array_module(teacher)
+    terms = _Terms.of(loss)
     t, s = teacher.reshape(-1), student.reshape(-1)
+    n = int(t.size)
     size = block_size(t)
-    tb, sb = xp.empty(size, dtype=xp.float64), xp.empty(size, dtype=xp.float64)
+    tb, sb, *work = (xp.empty(size, dtype=xp.float64) for _ in range(5))
+    sums = _Flat(terms)
     with np.errstate(all="ignore"):
-        for start in range(0, t.size, size):
-            stop = min(start + size, t.size)
-            xp.copyto(tb[: stop - start], t[start:stop])
-            xp.copyto(sb[: stop - start], s[start:stop])
-            for acc in sums:
-                acc.add(xp, tb[: stop - start], sb[: stop - start])
+        for block in _blocks(n, size):
+            m = block.stop - block.start
+            xp.copyto(tb[:m], t[block])
+            xp.copyto(sb[:m], s[block])
+            sums.add(xp, tb[:m], sb[:m], [w[:m] for w in work])
+        if terms.cosine and not (math.isfinite(sums.tt * sums.ss) and math.isfinite(sums.ts)):
+            return _rescaled_cosine(loss, teacher, student, scale)
+        value = terms.mse * sums.sq / n + terms.kl * terms.tau**2 * (sums.kl() if terms.kl else 0.0)
+        alpha = beta = 0.0
+        if terms.cosine:
+            cosine, alpha, beta = sums.cosine_parts()
+            value += cosine
+        if scale is None or not math.isfinite(value):
+            return value, None
+        # d/ds: mse 2(s - t)/n; cosine alpha t + beta s; KL tau (q - p).
+        alpha = scale * (alpha - 2 * terms.mse / n)
+        beta = scale * (beta + 2 * terms.mse / n)
+        gamma = scale * terms.kl * terms.tau
+        out = xp.empty(student.shape, dtype=student.dtype)
+        flat_out = out.reshape(-1)
+        for block in _blocks(n, size):
+            m = block.stop - block.start
+            g = _combine(xp, t[block], s[block], tb[:m], sb[:m], work[0][:m], alpha, beta)
+            if gamma:
+                p = _softmax_part(xp, tb[:m], terms.tau, sums.ma, sums.za, work[1][:m])
+                q = _softmax_part(xp, sb[:m], terms.tau, sums.mb, sums.zb, work[2][:m])
+                q -= p
+                q *= gamma
+                g += q
+            xp.copyto(flat_out[block], g, casting="unsafe")
+        return value, out
 
 
-def mse(teacher: Any, student: Any) -> float:
-    """``sum((t - s)^2) / n`` of two equally long, non-empty arrays."""
-    sq = _SquaredError(array_module(teacher), block_size(teacher))
-    _accumulate(teacher, student, sq)
-    return sq.total / int(teacher.size)
+def _combine(xp: Any, t: Any, s: Any, tb: Any, sb: Any, out: Any, alpha: float, beta: float) -> Any:
+    """``alpha t + beta s`` in float64; leaves ``tb``, ``sb`` holding ``t``, ``s``."""
+    xp.copyto(tb, t)
+    xp.copyto(sb, s)
+    xp.multiply(tb, alpha, out=out)
+    out += beta * sb
+    return out
 
 
-def cosine(teacher: Any, student: Any) -> float:
-    """``1 - clamp(dot(t, s) / max(|t| |s|, 1e-12), -1, 1)``.
+def _softmax_part(xp: Any, x: Any, tau: float, top: float, total: float, out: Any) -> Any:
+    """``exp(x / tau - top) / total``: this block's slice of a softmax."""
+    xp.divide(x, tau, out=out)
+    out -= top
+    xp.exp(out, out=out)
+    out /= total
+    return out
 
-    Float64 inputs beyond about 1e77 overflow ``|t|^2 |s|^2``; the distance
-    is scale-free, so they are then recomputed scaled by their largest
-    magnitude.
+
+def _rescaled_cosine(loss: DistilLoss, teacher: Any, student: Any, scale: float | None) -> tuple[float, Any]:
+    """Cosine of float64 inputs whose squared norms overflow: it is scale-free."""
+    xp = array_module(teacher)
+    t_max, s_max = float(xp.abs(teacher).max()), float(xp.abs(student).max())
+    if not (math.isfinite(t_max) and math.isfinite(s_max)):
+        return math.nan, None
+    s_max = s_max or 1.0
+    value, gradient = _flat(loss, teacher / (t_max or 1.0), student / s_max, scale)
+    return value, None if gradient is None else gradient / s_max  # d/ds of f(s / k) is f'(s / k) / k
+
+
+# ---------------------------------------------------------------- PER_ROW
+
+
+def _rows(loss: DistilLoss, teacher: Any, student: Any, scale: float | None) -> tuple[float, Any]:
+    xp = array_module(teacher)
+    terms = _Terms.of(loss)
+    width = int(teacher.shape[-1]) if teacher.ndim else 1
+    t, s = teacher.reshape(-1, width), student.reshape(-1, width)
+    rows, n = int(t.shape[0]), int(t.size)
+    out = None if scale is None else xp.empty(student.shape, dtype=student.dtype)
+    flat_out = None if out is None else out.reshape(-1, width)
+    k = scale or 0.0  # used only with a gradient
+    sq = cosine = kl = 0.0
+    with np.errstate(all="ignore"):
+        for block in _blocks(rows, max(1, block_size(t) // width)):
+            tb, sb = t[block].astype(xp.float64), s[block].astype(xp.float64)
+            g = None if scale is None else xp.zeros_like(tb)
+            if terms.mse:
+                d = tb - sb
+                sq += float(xp.vdot(d, d))
+                if g is not None:
+                    g -= (2 * terms.mse * k / n) * d
+            if terms.cosine:
+                cosine += _row_cosine(xp, tb, sb, g, k / rows)
+            if terms.kl:
+                kl += _row_kl(xp, tb, sb, terms.tau, g, k * terms.kl * terms.tau / rows)
+            if flat_out is not None:
+                xp.copyto(flat_out[block], g, casting="unsafe")
+    value = terms.mse * sq / n + terms.cosine * cosine / rows + terms.kl * terms.tau**2 * kl / rows
+    return value, out if math.isfinite(value) else None
+
+
+def _row_cosine(xp: Any, t: Any, s: Any, g: Any, scale: float) -> float:
+    """Sum over rows of ``1 - c``; adds ``scale`` times each row's gradient to ``g``."""
+    tt, ss, ts = (t * t).sum(axis=1), (s * s).sum(axis=1), (t * s).sum(axis=1)
+    if not (bool(xp.isfinite(tt * ss).all()) and bool(xp.isfinite(ts).all())):
+        # Huge float64 rows: cosine is scale-free, so scale each row to max 1.
+        ks = xp.abs(s).max(axis=1, keepdims=True)
+        kt = xp.abs(t).max(axis=1, keepdims=True)
+        if not (bool(xp.isfinite(ks).all()) and bool(xp.isfinite(kt).all())):
+            return math.nan  # non-finite inputs: reported by the caller
+        ks[ks == 0] = 1
+        kt[kt == 0] = 1
+        part = None if g is None else xp.zeros_like(g)
+        value = _row_cosine(xp, t / kt, s / ks, part, scale)
+        if g is not None:
+            g += part / ks
+        return value
+    product = xp.sqrt(tt * ss)
+    floored = product < _NORM_FLOOR
+    denominator = xp.where(floored, _NORM_FLOOR, product)
+    c = ts / denominator
+    free = (c >= -1) & (c <= 1)
+    value = float((1 - xp.clip(c, -1, 1)).sum())
+    if g is not None:
+        alpha = xp.where(free, -1 / denominator, 0)
+        beta = xp.where(free & ~floored, c / xp.where(ss > 0, ss, 1), 0)
+        g += scale * (alpha[:, None] * t + beta[:, None] * s)
+    return value
+
+
+def _log_softmax(xp: Any, x: Any) -> Any:
+    shifted = x - x.max(axis=1, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def _row_kl(xp: Any, t: Any, s: Any, tau: float, g: Any, scale: float) -> float:
+    """Sum over rows of ``KL(softmax(t/tau) || softmax(s/tau))``; adds ``scale (q - p)`` to ``g``."""
+    log_p, log_q = _log_softmax(xp, t / tau), _log_softmax(xp, s / tau)
+    p = xp.exp(log_p)
+    value = float((p * (log_p - log_q)).sum())
+    if g is not None:
+        g += scale * (xp.exp(log_q) - p)
+    return value
+
+
+# ---------------------------------------------------------------- one layer
+
+
+def evaluate(loss: DistilLoss, teacher: Any, student: Any, gradient_scale: float | None = None) -> tuple[float, Any]:
+    """A layer's unweighted loss and, when ``gradient_scale`` is given,
+    ``gradient_scale * d loss / d student`` in the student's shape and dtype.
+
+    The inputs are non-empty arrays of equal size (of equal shape for
+    ``PER_ROW``). The value may be non-finite when the inputs are, and then
+    no gradient is returned; :func:`layer_loss` and :func:`total_loss` turn
+    that into an error.
     """
-    xp = array_module(teacher)
-    dots = _Dots(xp, block_size(teacher))
-    _accumulate(teacher, student, dots)
-    norms_squared = dots.tt * dots.ss
-    if not (math.isfinite(norms_squared) and math.isfinite(dots.ts)):
-        t_max, s_max = float(xp.abs(teacher).max()), float(xp.abs(student).max())
-        if not (math.isfinite(t_max) and math.isfinite(s_max)):
-            return math.nan
-        return cosine(teacher / (t_max or 1.0), student / (s_max or 1.0))
-    # sqrt(tt * ss), not sqrt(tt) * sqrt(ss): exact 0 for identical vectors.
-    denominator = max(math.sqrt(norms_squared), _NORM_FLOOR)
-    return 1.0 - min(max(dots.ts / denominator, -1.0), 1.0)
-
-
-def kl_divergence(teacher: Any, student: Any, temperature: float) -> float:
-    """``tau'^2 KL(softmax(t/tau') || softmax(s/tau'))``, ``tau' = max(tau, 1e-6)``."""
-    kl = _SoftmaxKl(array_module(teacher), block_size(teacher), temperature)
-    _accumulate(teacher, student, kl)
-    return _tau_squared(temperature) * kl.value()
-
-
-def _tau_squared(temperature: float) -> float:
-    return max(temperature, MIN_TEMPERATURE) ** 2
-
-
-def _combined(teacher: Any, student: Any, loss: DistilLoss) -> float:
-    xp = array_module(teacher)
-    sq = _SquaredError(xp, block_size(teacher))
-    kl = _SoftmaxKl(xp, block_size(teacher), loss.temperature)
-    _accumulate(teacher, student, sq, kl)
-    return loss.kl_weight * _tau_squared(loss.temperature) * kl.value() + loss.mse_weight * sq.total / int(teacher.size)
+    per_row = loss.reduction is Reduction.PER_ROW and loss.kind is not LossKind.MSE
+    return (_rows if per_row else _flat)(loss, teacher, student, gradient_scale)
 
 
 def loss_value(loss: DistilLoss, teacher: Any, student: Any) -> float:
-    """The unweighted loss of two equally long, non-empty arrays (any shape).
+    """The unweighted loss of two non-empty arrays of equal size."""
+    return evaluate(loss, teacher, student)[0]
 
-    May be non-finite when the inputs are; :func:`layer_loss` and
-    :func:`total_loss` turn that into an error.
-    """
-    if loss.kind is LossKind.MSE:
-        return mse(teacher, student)
-    if loss.kind is LossKind.COSINE:
-        return cosine(teacher, student)
-    if loss.kind is LossKind.KL_DIVERGENCE:
-        return kl_divergence(teacher, student, loss.temperature)
-    return _combined(teacher, student, loss)
+
+# ---------------------------------------------------------------- the distiller
 
 
 @dataclass(frozen=True)
@@ -203,8 +322,16 @@ class Layer:
     name: str = ""
 
 
-def _check_pair(index: int, teacher: Any, student: Any, fields: tuple[str, str]) -> None:
-    """The reference's checks, in its order: empty teacher, then lengths."""
+@dataclass(frozen=True)
+class LayerResult:
+    """A layer's result and, when asked for, its student gradient."""
+
+    loss: LayerLoss
+    gradient: Any = None
+
+
+def _check_pair(index: int, loss: DistilLoss, teacher: Any, student: Any, fields: tuple[str, str]) -> None:
+    """The reference's checks in its order (empty teacher, lengths), then shapes for PER_ROW."""
     if teacher.size == 0:
         raise EmptyInput(f"layer {index}: {fields[0]} is empty", layer=index, field=fields[0])
     if teacher.size != student.size:
@@ -215,6 +342,13 @@ def _check_pair(index: int, teacher: Any, student: Any, fields: tuple[str, str])
             teacher=teacher.size,
             student=student.size,
         )
+    if loss.reduction is Reduction.PER_ROW and teacher.shape != student.shape:
+        raise ShapeMismatch(
+            f"layer {index}: {loss!r} compares rows, so {fields[0]} and {fields[1]} must have the same shape; "
+            f"got {list(teacher.shape)} and {list(student.shape)}",
+            layer=index,
+            field=f"{fields[1]}.shape",
+        )
 
 
 def _first_non_finite(array: Any) -> int | None:
@@ -223,8 +357,10 @@ def _first_non_finite(array: Any) -> int | None:
     return int(bad[0]) if bad.size else None
 
 
-def _compute(index: int, layer: Layer, teacher: Any, student: Any, fields: tuple[str, str]) -> LayerLoss:
-    value = loss_value(layer.loss, teacher, student)
+def _compute(
+    index: int, layer: Layer, teacher: Any, student: Any, fields: tuple[str, str], gradient: bool
+) -> LayerResult:
+    value, grad = evaluate(layer.loss, teacher, student, layer.weight if gradient else None)
     weighted = layer.weight * value
     if not math.isfinite(weighted):
         for field, array in zip(fields, (teacher, student), strict=True):
@@ -242,16 +378,21 @@ def _compute(index: int, layer: Layer, teacher: Any, student: Any, fields: tuple
             f"is {weighted}, beyond float64",
             layer=index,
         )
-    return LayerLoss(index, layer.name, value, weighted)
+    return LayerResult(LayerLoss(index, layer.name, value, weighted), grad)
 
 
-def layer_loss(layers: Sequence[Layer], index: int, teacher: Any, student: Any) -> LayerLoss:
+def layer_loss(
+    layers: Sequence[Layer], index: int, teacher: Any, student: Any, *, gradient: bool = False
+) -> LayerResult:
     """The reference's ``compute_layer_loss``: layer ``index``'s weighted loss.
+
+    With ``gradient``, also ``weight * d loss / d student``.
 
     Raises:
         LayerIndexOutOfRange: ``index >= len(layers)`` (expected ``len(layers)``,
             got ``index + 1``), checked before the inputs.
-        EmptyInput, TeacherStudentMismatch, NonFiniteInput, LossOverflow.
+        EmptyInput, TeacherStudentMismatch, ShapeMismatch, NonFiniteInput,
+            LossOverflow.
     """
     if index >= len(layers):
         raise LayerIndexOutOfRange(
@@ -261,22 +402,24 @@ def layer_loss(layers: Sequence[Layer], index: int, teacher: Any, student: Any) 
             got=index + 1,
         )
     fields = ("teacher", "student")
-    _check_pair(index, teacher, student, fields)
-    return _compute(index, layers[index], teacher, student, fields)
+    _check_pair(index, layers[index].loss, teacher, student, fields)
+    return _compute(index, layers[index], teacher, student, fields, gradient)
 
 
 def total_loss(
-    layers: Sequence[Layer], teachers: Sequence[Any], students: Sequence[Any]
-) -> tuple[float, list[LayerLoss]]:
+    layers: Sequence[Layer], teachers: Sequence[Any], students: Sequence[Any], *, gradient: bool = False
+) -> tuple[float, list[LayerResult]]:
     """The reference's ``compute_total_loss``: the sum of every layer's weighted loss.
 
     Counts are checked first (teachers, then students); then every layer's
     inputs, so the first failing layer's error wins; only then is anything
-    computed.
+    computed. With ``gradient``, each result holds the gradient of the total
+    with respect to its student tensor.
 
     Raises:
         DimensionMismatch: a tensor count differs from ``len(layers)``.
-        EmptyInput, TeacherStudentMismatch, NonFiniteInput, LossOverflow.
+        EmptyInput, TeacherStudentMismatch, ShapeMismatch, NonFiniteInput,
+            LossOverflow.
     """
     for name, tensors in (("teachers", teachers), ("students", students)):
         if len(tensors) != len(layers):
@@ -287,11 +430,13 @@ def total_loss(
                 got=len(tensors),
             )
     fields = [(f"teachers[{i}]", f"students[{i}]") for i in range(len(layers))]
-    for i, (teacher, student) in enumerate(zip(teachers, students, strict=True)):
-        _check_pair(i, teacher, student, fields[i])
-    results = [_compute(i, *args) for i, args in enumerate(zip(layers, teachers, students, fields, strict=True))]
+    for i, (layer, teacher, student) in enumerate(zip(layers, teachers, students, strict=True)):
+        _check_pair(i, layer.loss, teacher, student, fields[i])
+    results = [
+        _compute(i, *args, gradient) for i, args in enumerate(zip(layers, teachers, students, fields, strict=True))
+    ]
     try:
-        total = math.fsum(result.weighted_loss for result in results)
+        total = math.fsum(result.loss.weighted_loss for result in results)
     except OverflowError:
         total = math.inf
     if not math.isfinite(total):

@@ -11,9 +11,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
 from distill.v1 import distill_pb2 as pb
 from distill_client import tensors, wire
@@ -71,18 +72,40 @@ class DistillServicer:
         request, views = wire.split(pb.ComputeLayerLossRequest, payload)
         layers = validation.layers(request.layers)
         index = validation.layer_index(request.layer_index)
-        teacher = validation.tensor(views["teacher"], "teacher", self.backend)
-        student = validation.tensor(views["student"], "student", self.backend)
-        result = engine.layer_loss(layers, index, teacher, student)
-        return pb.ComputeLayerLossResponse(layer_loss=result.to_proto())
+        teacher = validation.tensor(views["teacher"], "teacher")
+        student = validation.tensor(views["student"], "student")
+        result = engine.layer_loss(
+            layers, index, *self._on_device([teacher, student]), gradient=request.return_gradients
+        )
+        return pb.ComputeLayerLossResponse(layer_loss=self._encode(result, student.dtype))
 
     def _total_loss(self, payload: bytes) -> pb.ComputeTotalLossResponse:
         request, views = wire.split(pb.ComputeTotalLossRequest, payload)
         layers = validation.layers(request.layers)
-        teachers = validation.tensor_list(views["teachers"], "teachers", self.backend)
-        students = validation.tensor_list(views["students"], "students", self.backend)
-        total, results = engine.total_loss(layers, teachers, students)
-        return pb.ComputeTotalLossResponse(total_loss=total, layer_losses=[r.to_proto() for r in results])
+        total, results = self._total(layers, views, request.return_gradients)
+        return pb.ComputeTotalLossResponse(total_loss=total, layer_losses=results)
+
+    def _total(
+        self, layers: list[engine.Layer], views: dict[str, list[wire.TensorView]], gradients: bool
+    ) -> tuple[float, list[pb.LayerLoss]]:
+        """Decode the tensors, compute every layer, encode the results."""
+        teachers = validation.tensor_list(views["teachers"], "teachers")
+        students = validation.tensor_list(views["students"], "students")
+        total, results = engine.total_loss(
+            layers, self._on_device(teachers), self._on_device(students), gradient=gradients
+        )
+        return total, [self._encode(r, s.dtype) for r, s in zip(results, students, strict=True)]
+
+    def _on_device(self, arrays: list[np.ndarray]) -> list[Any]:
+        return [self.backend.to_device(array) for array in arrays]
+
+    def _encode(self, result: engine.LayerResult, dtype: np.dtype[Any]) -> pb.LayerLoss:
+        """A layer's result; its gradient in the student's wire dtype."""
+        message = result.loss.to_proto()
+        if result.gradient is not None:
+            gradient = self.backend.to_host(result.gradient).astype(dtype, copy=False)
+            message.student_gradient.CopyFrom(tensors.encode(gradient))
+        return message
 
     def _compute(self, method: Callable[[_Request], _Response], request: _Request) -> _Response:
         with self.backend.activate():

@@ -11,12 +11,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy.typing as npt
+
 from distill.v1 import distill_pb2 as pb
 from distill_client import tensors
 from distill_client.errors import InvalidArgument
 from distill_client.losses import DistilLoss
 from distill_client.wire import TensorView
-from distill_server.backend import Backend
 from distill_server.engine import Layer
 
 __all__ = ["layer_index", "layers", "tensor", "tensor_list"]
@@ -47,20 +48,20 @@ def layers(messages: Sequence[pb.Layer]) -> list[Layer]:
     return checked
 
 
-def tensor(views: Sequence[TensorView], field: str, backend: Backend) -> Any:
-    """A singular Tensor field, decoded onto the backend's device.
+def tensor(views: Sequence[TensorView], field: str) -> npt.NDArray[Any]:
+    """A singular Tensor field, decoded (a view on the request bytes).
 
     Raises:
         InvalidArgument: the field is not set, or the tensor is malformed.
     """
     if not views:
         raise InvalidArgument(f"{field} is not set", field=field)
-    return backend.to_device(tensors.decode(views[0], field))
+    return tensors.decode(views[0], field)
 
 
-def tensor_list(views: Sequence[TensorView], field: str, backend: Backend) -> list[Any]:
-    """A repeated Tensor field, decoded onto the backend's device."""
-    return [backend.to_device(tensors.decode(view, f"{field}[{i}]")) for i, view in enumerate(views)]
+def tensor_list(views: Sequence[TensorView], field: str) -> list[npt.NDArray[Any]]:
+    """A repeated Tensor field, decoded (views on the request bytes)."""
+    return [tensors.decode(view, f"{field}[{i}]") for i, view in enumerate(views)]
 
 
 def layer_index(index: int) -> int:

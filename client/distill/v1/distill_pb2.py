@@ -22,47 +22,56 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64istill/v1/distill.proto\x12\ndistill.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.distill.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xd4\x02\n\x04Loss\x12#\n\x03mse\x18\x01 \x01(\x0b\x32\x14.distill.v1.Loss.MseH\x00\x12)\n\x06\x63osine\x18\x02 \x01(\x0b\x32\x17.distill.v1.Loss.CosineH\x00\x12\x36\n\rkl_divergence\x18\x03 \x01(\x0b\x32\x1d.distill.v1.Loss.KlDivergenceH\x00\x12\x39\n\x0f\x63ombined_kl_mse\x18\x04 \x01(\x0b\x32\x1e.distill.v1.Loss.CombinedKlMseH\x00\x1a\x05\n\x03Mse\x1a\x08\n\x06\x43osine\x1a#\n\x0cKlDivergence\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x1aK\n\rCombinedKlMse\x12\x11\n\tkl_weight\x18\x01 \x01(\x01\x12\x12\n\nmse_weight\x18\x02 \x01(\x01\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x42\x06\n\x04kind\"E\n\x05Layer\x12\x0e\n\x06weight\x18\x01 \x01(\x01\x12\x1e\n\x04loss\x18\x02 \x01(\x0b\x32\x10.distill.v1.Loss\x12\x0c\n\x04name\x18\x03 \x01(\t\"S\n\tLayerLoss\x12\x13\n\x0blayer_index\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x15\n\rweighted_loss\x18\x04 \x01(\x01\"\x9b\x01\n\x17\x43omputeLayerLossRequest\x12!\n\x06layers\x18\x01 \x03(\x0b\x32\x11.distill.v1.Layer\x12\x13\n\x0blayer_index\x18\x02 \x01(\x03\x12#\n\x07teacher\x18\x03 \x01(\x0b\x32\x12.distill.v1.Tensor\x12#\n\x07student\x18\x04 \x01(\x0b\x32\x12.distill.v1.Tensor\"E\n\x18\x43omputeLayerLossResponse\x12)\n\nlayer_loss\x18\x01 \x01(\x0b\x32\x15.distill.v1.LayerLoss\"\x88\x01\n\x17\x43omputeTotalLossRequest\x12!\n\x06layers\x18\x01 \x03(\x0b\x32\x11.distill.v1.Layer\x12$\n\x08teachers\x18\x02 \x03(\x0b\x32\x12.distill.v1.Tensor\x12$\n\x08students\x18\x03 \x03(\x0b\x32\x12.distill.v1.Tensor\"[\n\x18\x43omputeTotalLossResponse\x12\x12\n\ntotal_loss\x18\x01 \x01(\x01\x12+\n\x0clayer_losses\x18\x02 \x03(\x0b\x32\x15.distill.v1.LayerLoss\"\x16\n\x14GetServerInfoRequest\"\xd0\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65vice_description\x18\x03 \x01(\t\x12+\n\x10supported_dtypes\x18\x04 \x03(\x0e\x32\x11.distill.v1.Dtype\x12\x32\n\x14supported_loss_kinds\x18\x05 \x03(\x0e\x32\x14.distill.v1.LossKind\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03*k\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04*\x8a\x01\n\x08LossKind\x12\x19\n\x15LOSS_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rLOSS_KIND_MSE\x10\x01\x12\x14\n\x10LOSS_KIND_COSINE\x10\x02\x12\x1b\n\x17LOSS_KIND_KL_DIVERGENCE\x10\x03\x12\x1d\n\x19LOSS_KIND_COMBINED_KL_MSE\x10\x04\x32\xa4\x02\n\x0e\x44istillService\x12]\n\x10\x43omputeLayerLoss\x12#.distill.v1.ComputeLayerLossRequest\x1a$.distill.v1.ComputeLayerLossResponse\x12]\n\x10\x43omputeTotalLoss\x12#.distill.v1.ComputeTotalLossRequest\x1a$.distill.v1.ComputeTotalLossResponse\x12T\n\rGetServerInfo\x12 .distill.v1.GetServerInfoRequest\x1a!.distill.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64istill/v1/distill.proto\x12\ndistill.v1\x1a\x17google/rpc/status.proto\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.distill.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xfe\x02\n\x04Loss\x12#\n\x03mse\x18\x01 \x01(\x0b\x32\x14.distill.v1.Loss.MseH\x00\x12)\n\x06\x63osine\x18\x02 \x01(\x0b\x32\x17.distill.v1.Loss.CosineH\x00\x12\x36\n\rkl_divergence\x18\x03 \x01(\x0b\x32\x1d.distill.v1.Loss.KlDivergenceH\x00\x12\x39\n\x0f\x63ombined_kl_mse\x18\x04 \x01(\x0b\x32\x1e.distill.v1.Loss.CombinedKlMseH\x00\x12(\n\treduction\x18\x05 \x01(\x0e\x32\x15.distill.v1.Reduction\x1a\x05\n\x03Mse\x1a\x08\n\x06\x43osine\x1a#\n\x0cKlDivergence\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x1aK\n\rCombinedKlMse\x12\x11\n\tkl_weight\x18\x01 \x01(\x01\x12\x12\n\nmse_weight\x18\x02 \x01(\x01\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x42\x06\n\x04kind\"E\n\x05Layer\x12\x0e\n\x06weight\x18\x01 \x01(\x01\x12\x1e\n\x04loss\x18\x02 \x01(\x0b\x32\x10.distill.v1.Loss\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x81\x01\n\tLayerLoss\x12\x13\n\x0blayer_index\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x15\n\rweighted_loss\x18\x04 \x01(\x01\x12,\n\x10student_gradient\x18\x05 \x01(\x0b\x32\x12.distill.v1.Tensor\"\xb5\x01\n\x17\x43omputeLayerLossRequest\x12!\n\x06layers\x18\x01 \x03(\x0b\x32\x11.distill.v1.Layer\x12\x13\n\x0blayer_index\x18\x02 \x01(\x03\x12#\n\x07teacher\x18\x03 \x01(\x0b\x32\x12.distill.v1.Tensor\x12#\n\x07student\x18\x04 \x01(\x0b\x32\x12.distill.v1.Tensor\x12\x18\n\x10return_gradients\x18\x05 \x01(\x08\"E\n\x18\x43omputeLayerLossResponse\x12)\n\nlayer_loss\x18\x01 \x01(\x0b\x32\x15.distill.v1.LayerLoss\"\xa2\x01\n\x17\x43omputeTotalLossRequest\x12!\n\x06layers\x18\x01 \x03(\x0b\x32\x11.distill.v1.Layer\x12$\n\x08teachers\x18\x02 \x03(\x0b\x32\x12.distill.v1.Tensor\x12$\n\x08students\x18\x03 \x03(\x0b\x32\x12.distill.v1.Tensor\x12\x18\n\x10return_gradients\x18\x04 \x01(\x08\"[\n\x18\x43omputeTotalLossResponse\x12\x12\n\ntotal_loss\x18\x01 \x01(\x01\x12+\n\x0clayer_losses\x18\x02 \x03(\x0b\x32\x15.distill.v1.LayerLoss\"K\n\x0cStreamConfig\x12!\n\x06layers\x18\x01 \x03(\x0b\x32\x11.distill.v1.Layer\x12\x18\n\x10return_gradients\x18\x02 \x01(\x08\"\x9c\x01\n\x13StreamLossesRequest\x12(\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x18.distill.v1.StreamConfig\x12\x0f\n\x07step_id\x18\x02 \x01(\x03\x12$\n\x08teachers\x18\x03 \x03(\x0b\x32\x12.distill.v1.Tensor\x12$\n\x08students\x18\x04 \x03(\x0b\x32\x12.distill.v1.Tensor\"\x8b\x01\n\x14StreamLossesResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x12\n\ntotal_loss\x18\x02 \x01(\x01\x12+\n\x0clayer_losses\x18\x03 \x03(\x0b\x32\x15.distill.v1.LayerLoss\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\"\x16\n\x14GetServerInfoRequest\"\xd0\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65vice_description\x18\x03 \x01(\t\x12+\n\x10supported_dtypes\x18\x04 \x03(\x0e\x32\x11.distill.v1.Dtype\x12\x32\n\x14supported_loss_kinds\x18\x05 \x03(\x0e\x32\x14.distill.v1.LossKind\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03*k\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04*\x8a\x01\n\x08LossKind\x12\x19\n\x15LOSS_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rLOSS_KIND_MSE\x10\x01\x12\x14\n\x10LOSS_KIND_COSINE\x10\x02\x12\x1b\n\x17LOSS_KIND_KL_DIVERGENCE\x10\x03\x12\x1d\n\x19LOSS_KIND_COMBINED_KL_MSE\x10\x04*T\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x15\n\x11REDUCTION_FLATTEN\x10\x01\x12\x15\n\x11REDUCTION_PER_ROW\x10\x02\x32\xfb\x02\n\x0e\x44istillService\x12]\n\x10\x43omputeLayerLoss\x12#.distill.v1.ComputeLayerLossRequest\x1a$.distill.v1.ComputeLayerLossResponse\x12]\n\x10\x43omputeTotalLoss\x12#.distill.v1.ComputeTotalLossRequest\x1a$.distill.v1.ComputeTotalLossResponse\x12U\n\x0cStreamLosses\x12\x1f.distill.v1.StreamLossesRequest\x1a .distill.v1.StreamLossesResponse(\x01\x30\x01\x12T\n\rGetServerInfo\x12 .distill.v1.GetServerInfoRequest\x1a!.distill.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'distill.v1.distill_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1308
-  _globals['_DTYPE']._serialized_end=1415
-  _globals['_LOSSKIND']._serialized_start=1418
-  _globals['_LOSSKIND']._serialized_end=1556
-  _globals['_TENSOR']._serialized_start=40
-  _globals['_TENSOR']._serialized_end=111
-  _globals['_LOSS']._serialized_start=114
-  _globals['_LOSS']._serialized_end=454
-  _globals['_LOSS_MSE']._serialized_start=317
-  _globals['_LOSS_MSE']._serialized_end=322
-  _globals['_LOSS_COSINE']._serialized_start=324
-  _globals['_LOSS_COSINE']._serialized_end=332
-  _globals['_LOSS_KLDIVERGENCE']._serialized_start=334
-  _globals['_LOSS_KLDIVERGENCE']._serialized_end=369
-  _globals['_LOSS_COMBINEDKLMSE']._serialized_start=371
-  _globals['_LOSS_COMBINEDKLMSE']._serialized_end=446
-  _globals['_LAYER']._serialized_start=456
-  _globals['_LAYER']._serialized_end=525
-  _globals['_LAYERLOSS']._serialized_start=527
-  _globals['_LAYERLOSS']._serialized_end=610
-  _globals['_COMPUTELAYERLOSSREQUEST']._serialized_start=613
-  _globals['_COMPUTELAYERLOSSREQUEST']._serialized_end=768
-  _globals['_COMPUTELAYERLOSSRESPONSE']._serialized_start=770
-  _globals['_COMPUTELAYERLOSSRESPONSE']._serialized_end=839
-  _globals['_COMPUTETOTALLOSSREQUEST']._serialized_start=842
-  _globals['_COMPUTETOTALLOSSREQUEST']._serialized_end=978
-  _globals['_COMPUTETOTALLOSSRESPONSE']._serialized_start=980
-  _globals['_COMPUTETOTALLOSSRESPONSE']._serialized_end=1071
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1073
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1095
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=1098
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=1306
-  _globals['_DISTILLSERVICE']._serialized_start=1559
-  _globals['_DISTILLSERVICE']._serialized_end=1851
+  _globals['_DTYPE']._serialized_start=1852
+  _globals['_DTYPE']._serialized_end=1959
+  _globals['_LOSSKIND']._serialized_start=1962
+  _globals['_LOSSKIND']._serialized_end=2100
+  _globals['_REDUCTION']._serialized_start=2102
+  _globals['_REDUCTION']._serialized_end=2186
+  _globals['_TENSOR']._serialized_start=65
+  _globals['_TENSOR']._serialized_end=136
+  _globals['_LOSS']._serialized_start=139
+  _globals['_LOSS']._serialized_end=521
+  _globals['_LOSS_MSE']._serialized_start=384
+  _globals['_LOSS_MSE']._serialized_end=389
+  _globals['_LOSS_COSINE']._serialized_start=391
+  _globals['_LOSS_COSINE']._serialized_end=399
+  _globals['_LOSS_KLDIVERGENCE']._serialized_start=401
+  _globals['_LOSS_KLDIVERGENCE']._serialized_end=436
+  _globals['_LOSS_COMBINEDKLMSE']._serialized_start=438
+  _globals['_LOSS_COMBINEDKLMSE']._serialized_end=513
+  _globals['_LAYER']._serialized_start=523
+  _globals['_LAYER']._serialized_end=592
+  _globals['_LAYERLOSS']._serialized_start=595
+  _globals['_LAYERLOSS']._serialized_end=724
+  _globals['_COMPUTELAYERLOSSREQUEST']._serialized_start=727
+  _globals['_COMPUTELAYERLOSSREQUEST']._serialized_end=908
+  _globals['_COMPUTELAYERLOSSRESPONSE']._serialized_start=910
+  _globals['_COMPUTELAYERLOSSRESPONSE']._serialized_end=979
+  _globals['_COMPUTETOTALLOSSREQUEST']._serialized_start=982
+  _globals['_COMPUTETOTALLOSSREQUEST']._serialized_end=1144
+  _globals['_COMPUTETOTALLOSSRESPONSE']._serialized_start=1146
+  _globals['_COMPUTETOTALLOSSRESPONSE']._serialized_end=1237
+  _globals['_STREAMCONFIG']._serialized_start=1239
+  _globals['_STREAMCONFIG']._serialized_end=1314
+  _globals['_STREAMLOSSESREQUEST']._serialized_start=1317
+  _globals['_STREAMLOSSESREQUEST']._serialized_end=1473
+  _globals['_STREAMLOSSESRESPONSE']._serialized_start=1476
+  _globals['_STREAMLOSSESRESPONSE']._serialized_end=1615
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1617
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1639
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=1642
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=1850
+  _globals['_DISTILLSERVICE']._serialized_start=2189
+  _globals['_DISTILLSERVICE']._serialized_end=2568
 # @@protoc_insertion_point(module_scope)

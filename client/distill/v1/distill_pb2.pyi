@@ -1,3 +1,4 @@
+from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -22,6 +23,12 @@ class LossKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LOSS_KIND_COSINE: _ClassVar[LossKind]
     LOSS_KIND_KL_DIVERGENCE: _ClassVar[LossKind]
     LOSS_KIND_COMBINED_KL_MSE: _ClassVar[LossKind]
+
+class Reduction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REDUCTION_UNSPECIFIED: _ClassVar[Reduction]
+    REDUCTION_FLATTEN: _ClassVar[Reduction]
+    REDUCTION_PER_ROW: _ClassVar[Reduction]
 DTYPE_UNSPECIFIED: Dtype
 DTYPE_FLOAT32: Dtype
 DTYPE_FLOAT16: Dtype
@@ -32,6 +39,9 @@ LOSS_KIND_MSE: LossKind
 LOSS_KIND_COSINE: LossKind
 LOSS_KIND_KL_DIVERGENCE: LossKind
 LOSS_KIND_COMBINED_KL_MSE: LossKind
+REDUCTION_UNSPECIFIED: Reduction
+REDUCTION_FLATTEN: Reduction
+REDUCTION_PER_ROW: Reduction
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -44,7 +54,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Loss(_message.Message):
-    __slots__ = ("mse", "cosine", "kl_divergence", "combined_kl_mse")
+    __slots__ = ("mse", "cosine", "kl_divergence", "combined_kl_mse", "reduction")
     class Mse(_message.Message):
         __slots__ = ()
         def __init__(self) -> None: ...
@@ -69,11 +79,13 @@ class Loss(_message.Message):
     COSINE_FIELD_NUMBER: _ClassVar[int]
     KL_DIVERGENCE_FIELD_NUMBER: _ClassVar[int]
     COMBINED_KL_MSE_FIELD_NUMBER: _ClassVar[int]
+    REDUCTION_FIELD_NUMBER: _ClassVar[int]
     mse: Loss.Mse
     cosine: Loss.Cosine
     kl_divergence: Loss.KlDivergence
     combined_kl_mse: Loss.CombinedKlMse
-    def __init__(self, mse: _Optional[_Union[Loss.Mse, _Mapping]] = ..., cosine: _Optional[_Union[Loss.Cosine, _Mapping]] = ..., kl_divergence: _Optional[_Union[Loss.KlDivergence, _Mapping]] = ..., combined_kl_mse: _Optional[_Union[Loss.CombinedKlMse, _Mapping]] = ...) -> None: ...
+    reduction: Reduction
+    def __init__(self, mse: _Optional[_Union[Loss.Mse, _Mapping]] = ..., cosine: _Optional[_Union[Loss.Cosine, _Mapping]] = ..., kl_divergence: _Optional[_Union[Loss.KlDivergence, _Mapping]] = ..., combined_kl_mse: _Optional[_Union[Loss.CombinedKlMse, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ...) -> None: ...
 
 class Layer(_message.Message):
     __slots__ = ("weight", "loss", "name")
@@ -86,28 +98,32 @@ class Layer(_message.Message):
     def __init__(self, weight: _Optional[float] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
 
 class LayerLoss(_message.Message):
-    __slots__ = ("layer_index", "name", "loss", "weighted_loss")
+    __slots__ = ("layer_index", "name", "loss", "weighted_loss", "student_gradient")
     LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTED_LOSS_FIELD_NUMBER: _ClassVar[int]
+    STUDENT_GRADIENT_FIELD_NUMBER: _ClassVar[int]
     layer_index: int
     name: str
     loss: float
     weighted_loss: float
-    def __init__(self, layer_index: _Optional[int] = ..., name: _Optional[str] = ..., loss: _Optional[float] = ..., weighted_loss: _Optional[float] = ...) -> None: ...
+    student_gradient: Tensor
+    def __init__(self, layer_index: _Optional[int] = ..., name: _Optional[str] = ..., loss: _Optional[float] = ..., weighted_loss: _Optional[float] = ..., student_gradient: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ComputeLayerLossRequest(_message.Message):
-    __slots__ = ("layers", "layer_index", "teacher", "student")
+    __slots__ = ("layers", "layer_index", "teacher", "student", "return_gradients")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
     TEACHER_FIELD_NUMBER: _ClassVar[int]
     STUDENT_FIELD_NUMBER: _ClassVar[int]
+    RETURN_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[Layer]
     layer_index: int
     teacher: Tensor
     student: Tensor
-    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., layer_index: _Optional[int] = ..., teacher: _Optional[_Union[Tensor, _Mapping]] = ..., student: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    return_gradients: bool
+    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., layer_index: _Optional[int] = ..., teacher: _Optional[_Union[Tensor, _Mapping]] = ..., student: _Optional[_Union[Tensor, _Mapping]] = ..., return_gradients: _Optional[bool] = ...) -> None: ...
 
 class ComputeLayerLossResponse(_message.Message):
     __slots__ = ("layer_loss",)
@@ -116,14 +132,16 @@ class ComputeLayerLossResponse(_message.Message):
     def __init__(self, layer_loss: _Optional[_Union[LayerLoss, _Mapping]] = ...) -> None: ...
 
 class ComputeTotalLossRequest(_message.Message):
-    __slots__ = ("layers", "teachers", "students")
+    __slots__ = ("layers", "teachers", "students", "return_gradients")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     TEACHERS_FIELD_NUMBER: _ClassVar[int]
     STUDENTS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[Layer]
     teachers: _containers.RepeatedCompositeFieldContainer[Tensor]
     students: _containers.RepeatedCompositeFieldContainer[Tensor]
-    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., teachers: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., students: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+    return_gradients: bool
+    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., teachers: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., students: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., return_gradients: _Optional[bool] = ...) -> None: ...
 
 class ComputeTotalLossResponse(_message.Message):
     __slots__ = ("total_loss", "layer_losses")
@@ -132,6 +150,38 @@ class ComputeTotalLossResponse(_message.Message):
     total_loss: float
     layer_losses: _containers.RepeatedCompositeFieldContainer[LayerLoss]
     def __init__(self, total_loss: _Optional[float] = ..., layer_losses: _Optional[_Iterable[_Union[LayerLoss, _Mapping]]] = ...) -> None: ...
+
+class StreamConfig(_message.Message):
+    __slots__ = ("layers", "return_gradients")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[Layer]
+    return_gradients: bool
+    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., return_gradients: _Optional[bool] = ...) -> None: ...
+
+class StreamLossesRequest(_message.Message):
+    __slots__ = ("config", "step_id", "teachers", "students")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    TEACHERS_FIELD_NUMBER: _ClassVar[int]
+    STUDENTS_FIELD_NUMBER: _ClassVar[int]
+    config: StreamConfig
+    step_id: int
+    teachers: _containers.RepeatedCompositeFieldContainer[Tensor]
+    students: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., step_id: _Optional[int] = ..., teachers: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., students: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class StreamLossesResponse(_message.Message):
+    __slots__ = ("step_id", "total_loss", "layer_losses", "error")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_LOSSES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    total_loss: float
+    layer_losses: _containers.RepeatedCompositeFieldContainer[LayerLoss]
+    error: _status_pb2.Status
+    def __init__(self, step_id: _Optional[int] = ..., total_loss: _Optional[float] = ..., layer_losses: _Optional[_Iterable[_Union[LayerLoss, _Mapping]]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()

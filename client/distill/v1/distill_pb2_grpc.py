@@ -45,6 +45,11 @@ class DistillServiceStub:
                 request_serializer=distill_dot_v1_dot_distill__pb2.ComputeTotalLossRequest.SerializeToString,
                 response_deserializer=distill_dot_v1_dot_distill__pb2.ComputeTotalLossResponse.FromString,
                 _registered_method=True)
+        self.StreamLosses = channel.stream_stream(
+                '/distill.v1.DistillService/StreamLosses',
+                request_serializer=distill_dot_v1_dot_distill__pb2.StreamLossesRequest.SerializeToString,
+                response_deserializer=distill_dot_v1_dot_distill__pb2.StreamLossesResponse.FromString,
+                _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/distill.v1.DistillService/GetServerInfo',
                 request_serializer=distill_dot_v1_dot_distill__pb2.GetServerInfoRequest.SerializeToString,
@@ -92,6 +97,21 @@ class DistillServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamLosses(self, request_iterator, context):
+        """Computes the losses of a training loop over one stream: the first
+        message carries the configuration (`config`), every later one a step
+        (`step_id` and one teacher and student tensor per layer). The server
+        answers each step, in order, with its losses (and gradients when the
+        configuration asks for them). A step that fails gets a response with its
+        `step_id` and an `error` (the same codes and ErrorInfo reasons as
+        ComputeTotalLoss) and the stream goes on. A stream whose first message
+        has no `config` ends with INVALID_ARGUMENT. Closing or cancelling the
+        stream frees its resources on the server at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerInfo(self, request, context):
         """Describes this server: version, device, supported dtypes and loss kinds,
         and the message-size limit, so a client can adapt before it sends.
@@ -112,6 +132,11 @@ def add_DistillServiceServicer_to_server(servicer, server):
                     servicer.ComputeTotalLoss,
                     request_deserializer=distill_dot_v1_dot_distill__pb2.ComputeTotalLossRequest.FromString,
                     response_serializer=distill_dot_v1_dot_distill__pb2.ComputeTotalLossResponse.SerializeToString,
+            ),
+            'StreamLosses': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamLosses,
+                    request_deserializer=distill_dot_v1_dot_distill__pb2.StreamLossesRequest.FromString,
+                    response_serializer=distill_dot_v1_dot_distill__pb2.StreamLossesResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
@@ -174,6 +199,33 @@ class DistillService:
             '/distill.v1.DistillService/ComputeTotalLoss',
             distill_dot_v1_dot_distill__pb2.ComputeTotalLossRequest.SerializeToString,
             distill_dot_v1_dot_distill__pb2.ComputeTotalLossResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamLosses(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/distill.v1.DistillService/StreamLosses',
+            distill_dot_v1_dot_distill__pb2.StreamLossesRequest.SerializeToString,
+            distill_dot_v1_dot_distill__pb2.StreamLossesResponse.FromString,
             options,
             channel_credentials,
             insecure,
