@@ -25,10 +25,12 @@ from distill_client.errors import (
     LossOverflow,
     MessageTooLarge,
     NonFiniteInput,
+    ShapeMismatch,
     TeacherStudentMismatch,
     Unavailable,
 )
-from distill_client.losses import DistilLoss, LayerLoss, LossKind
+from distill_client.losses import DistilLoss, LayerLoss, LossKind, Reduction
+from distill_client.stream import StepResult, StreamSession
 
 try:
     __version__ = version("distill-service")
@@ -51,8 +53,12 @@ __all__ = [
     "LossOverflow",
     "MessageTooLarge",
     "NonFiniteInput",
+    "Reduction",
     "RemoteFeatureDistiller",
     "ServerInfo",
+    "ShapeMismatch",
+    "StepResult",
+    "StreamSession",
     "TeacherStudentMismatch",
     "TotalLoss",
     "Unavailable",

@@ -16,6 +16,7 @@ from distill.v1 import distill_pb2_grpc as pb_grpc
 from distill_client import wire
 from distill_client.errors import from_rpc_error
 from distill_client.losses import DistilLoss, LayerLoss, LossKind
+from distill_client.stream import StreamSession
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -117,6 +118,9 @@ class DistillClient:
         self._total_loss = self._channel.unary_unary(
             _method("ComputeTotalLoss"), response_deserializer=pb.ComputeTotalLossResponse.FromString
         )
+        self._stream_losses = self._channel.stream_stream(
+            _method("StreamLosses"), response_deserializer=pb.StreamLossesResponse.FromString
+        )
 
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
@@ -148,15 +152,19 @@ class DistillClient:
         student: Any,
         *,
         names: Sequence[str] | None = None,
+        gradients: bool = False,
         timeout: float | None = None,
     ) -> LayerLoss:
         """Layer ``layer_index``'s loss, weighted by its weight.
 
         ``teacher`` and ``student`` are arrays of any shape (flattened),
-        DLPack or ``__array__`` objects, or lists of floats.
+        DLPack or ``__array__`` objects, or lists of floats. With
+        ``gradients``, the result's ``gradient`` is ``weight * d loss / d student``.
         """
         request = wire.build(
-            pb.ComputeLayerLossRequest(layers=_layers(layers, names), layer_index=layer_index),
+            pb.ComputeLayerLossRequest(
+                layers=_layers(layers, names), layer_index=layer_index, return_gradients=gradients
+            ),
             teacher=teacher,
             student=student,
         )
@@ -170,14 +178,38 @@ class DistillClient:
         students: Sequence[Any],
         *,
         names: Sequence[str] | None = None,
+        gradients: bool = False,
         timeout: float | None = None,
     ) -> TotalLoss:
-        """The weighted sum of every layer's loss, and each layer's part."""
+        """The weighted sum of every layer's loss, and each layer's part.
+
+        With ``gradients``, each layer's ``gradient`` is the gradient of the
+        total with respect to that layer's student tensor.
+        """
         request = wire.build(
-            pb.ComputeTotalLossRequest(layers=_layers(layers, names)), teachers=teachers, students=students
+            pb.ComputeTotalLossRequest(layers=_layers(layers, names), return_gradients=gradients),
+            teachers=teachers,
+            students=students,
         )
         response: pb.ComputeTotalLossResponse = self._call(self._total_loss, request, timeout)
         return TotalLoss(response.total_loss, [LayerLoss.from_proto(r) for r in response.layer_losses])
+
+    def stream(
+        self,
+        layers: Sequence[LayerSpec],
+        *,
+        gradients: bool = False,
+        names: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> StreamSession:
+        """Open a ``StreamLosses`` stream for a training loop.
+
+        The layers are sent once; then each :meth:`StreamSession.step`
+        sends one step's tensors. ``timeout`` bounds the whole stream (none by
+        default, unlike the other calls).
+        """
+        config = pb.StreamConfig(layers=_layers(layers, names), return_gradients=gradients)
+        return StreamSession(self._stream_losses, config, timeout)
 
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         """What the server offers: version, device, dtypes, loss kinds, limits."""

@@ -69,6 +69,7 @@ __all__ = [
     "Unimplemented",
     "Unknown",
     "error_classes",
+    "from_rich_status",
     "from_rpc_error",
     "from_status",
 ]
@@ -358,6 +359,14 @@ def from_status(code: grpc.StatusCode, message: str, status: status_pb2.Status |
                 return MessageTooLarge(f"{message}: {hint}")
     cls = _BY_CODE.get(code)
     return cls(message) if cls is not None else Unknown(f"{code.name}: {message}")
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def from_rich_status(status: status_pb2.Status) -> DistillError:
+    """Map a ``google.rpc.Status`` message (e.g. a stream step's error) to its exception."""
+    return from_status(_CODES.get(status.code, grpc.StatusCode.UNKNOWN), status.message, status)
 
 
 def from_rpc_error(exc: grpc.RpcError) -> DistillError:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy.typing as npt
 
 from distill.v1 import distill_pb2 as pb
+from distill_client import tensors
 from distill_client.errors import InvalidArgument
 
 __all__ = ["DistilLoss", "LayerLoss", "LossKind", "Reduction"]
@@ -164,18 +168,29 @@ class DistilLoss:
 
 @dataclass(frozen=True)
 class LayerLoss:
-    """One layer's result: its loss before and after weighting."""
+    """One layer's result: its loss before and after weighting.
+
+    ``gradient`` is the gradient of the total loss with respect to the
+    layer's student tensor (its shape and dtype), when it was asked for.
+    """
 
     index: int
     name: str
     loss: float
     weighted_loss: float
+    gradient: npt.NDArray[Any] | None = field(default=None, repr=False, compare=False)
 
     def to_proto(self) -> pb.LayerLoss:
         """The LayerLoss message of this result."""
-        return pb.LayerLoss(layer_index=self.index, name=self.name, loss=self.loss, weighted_loss=self.weighted_loss)
+        message = pb.LayerLoss(layer_index=self.index, name=self.name, loss=self.loss, weighted_loss=self.weighted_loss)
+        if self.gradient is not None:
+            message.student_gradient.CopyFrom(tensors.encode(self.gradient))
+        return message
 
     @classmethod
     def from_proto(cls, message: pb.LayerLoss) -> LayerLoss:
-        """The result a LayerLoss message holds."""
-        return cls(message.layer_index, message.name, message.loss, message.weighted_loss)
+        """The result a LayerLoss message holds (the gradient as a writable array)."""
+        gradient = None
+        if message.HasField("student_gradient"):
+            gradient = tensors.decode(message.student_gradient, "student_gradient").copy()
+        return cls(message.layer_index, message.name, message.loss, message.weighted_loss, gradient)

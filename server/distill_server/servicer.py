@@ -8,21 +8,22 @@ place that does it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
 
 from distill.v1 import distill_pb2 as pb
 from distill_client import tensors, wire
-from distill_client.errors import DistillError, Internal
+from distill_client.errors import DistillError, Internal, InvalidArgument
 from distill_client.losses import LossKind
 from distill_server import __version__, engine, validation
 from distill_server.backend import Backend
-from distill_server.status import to_status
+from distill_server.status import to_rich_status, to_status
 
 __all__ = ["SERVICE_NAME", "DistillServicer", "add_to_server"]
 
@@ -34,7 +35,6 @@ INLINE_BYTES = 64 * 1024
 """Requests up to this size are computed on the event loop: a hop to a pool
 thread costs more (about 0.1 ms here) than their whole computation."""
 
-_Request = TypeVar("_Request", bound=bytes)
 _Response = TypeVar("_Response")
 
 
@@ -101,44 +101,107 @@ class DistillServicer:
 
     def _encode(self, result: engine.LayerResult, dtype: np.dtype[Any]) -> pb.LayerLoss:
         """A layer's result; its gradient in the student's wire dtype."""
-        message = result.loss.to_proto()
-        if result.gradient is not None:
-            gradient = self.backend.to_host(result.gradient).astype(dtype, copy=False)
-            message.student_gradient.CopyFrom(tensors.encode(gradient))
-        return message
+        if result.gradient is None:
+            return result.loss.to_proto()
+        gradient = self.backend.to_host(result.gradient).astype(dtype, copy=False)
+        return dataclasses.replace(result.loss, gradient=gradient).to_proto()
 
-    def _compute(self, method: Callable[[_Request], _Response], request: _Request) -> _Response:
-        with self.backend.activate():
-            return method(request)
-
-    async def _run(
-        self,
-        method: Callable[[_Request], _Response],
-        request: _Request,
-        context: grpc.aio.ServicerContext,
-    ) -> _Response:
-        """Run ``method`` in the pool; a DistillError aborts with its rich status."""
-        log.debug("call started: rpc=%s peer=%s", method.__name__.strip("_"), context.peer())
+    async def StreamLosses(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamLossesResponse]:
+        """One configuration, then one response per step; a failed step
+        answers with its error and the stream goes on."""
+        peer, steps = context.peer(), 0
         try:
-            if len(request) <= INLINE_BYTES:
-                return self._compute(method, request)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, self._compute, method, request)
+            iterator = aiter(requests)
+            first = await anext(iterator, None)
+            if first is None:
+                return
+            try:
+                layers, gradients = self._stream_config(first)
+            except DistillError as error:
+                await self._abort(context, "stream_losses", error)
+            log.debug("stream started: peer=%s layers=%d", peer, len(layers))
+            async for payload in iterator:
+                steps += 1
+                yield await self._step(payload, layers, gradients, peer)
+        finally:
+            # Also reached when the client cancels: nothing of the stream is kept.
+            log.debug("stream ended: peer=%s steps=%d", peer, steps)
+
+    def _stream_config(self, payload: bytes) -> tuple[list[engine.Layer], bool]:
+        request, views = wire.split(pb.StreamLossesRequest, payload)
+        if not request.HasField("config"):
+            raise InvalidArgument("the first message of a stream must set config", field="config")
+        if views["teachers"] or views["students"] or request.step_id:
+            raise InvalidArgument("the first message of a stream carries only config", field="config")
+        return validation.layers(request.config.layers), request.config.return_gradients
+
+    async def _step(
+        self, payload: bytes, layers: list[engine.Layer], gradients: bool, peer: str
+    ) -> pb.StreamLossesResponse:
+        step_id = 0
+
+        def step(payload: bytes) -> pb.StreamLossesResponse:
+            nonlocal step_id
+            request, views = wire.split(pb.StreamLossesRequest, payload)
+            step_id = request.step_id
+            if request.HasField("config"):
+                raise InvalidArgument("config may be set only in the first message of a stream", field="config")
+            total, results = self._total(layers, views, gradients)
+            return pb.StreamLossesResponse(step_id=step_id, total_loss=total, layer_losses=results)
+
+        try:
+            return await self._execute(step, payload)
         except DistillError as error:
-            failure = error
+            self._log_failure("stream_losses", error, peer, f" step={step_id}")
+            return pb.StreamLossesResponse(step_id=step_id, error=to_rich_status(error))
+
+    async def _execute(self, method: Callable[[bytes], _Response], payload: bytes) -> _Response:
+        """Compute on the event loop when small, else in the pool; errors
+        other than DistillError become Internal."""
+        try:
+            if len(payload) <= INLINE_BYTES:
+                return self._compute(method, payload)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, self._compute, method, payload)
+        except DistillError:
+            raise
         except Exception as exc:  # a bug: say so, keep serving
             log.exception("unexpected failure in %s", method.__name__)
-            failure = Internal(f"internal error: {type(exc).__name__}: {exc}")
-        log.info(
-            "call failed: rpc=%s code=%s reason=%s peer=%s: %s",
-            method.__name__.strip("_"),
-            failure.code.name,
-            failure.reason,
-            context.peer(),
-            failure.message,
-        )
-        await context.abort_with_status(to_status(failure))
+            raise Internal(f"internal error: {type(exc).__name__}: {exc}") from exc
+
+    def _compute(self, method: Callable[[bytes], _Response], payload: bytes) -> _Response:
+        with self.backend.activate():
+            return method(payload)
+
+    async def _run(
+        self, method: Callable[[bytes], _Response], payload: bytes, context: grpc.aio.ServicerContext
+    ) -> _Response:
+        """One unary call; a DistillError aborts it with its rich status."""
+        name = method.__name__.strip("_")
+        log.debug("call started: rpc=%s peer=%s", name, context.peer())
+        try:
+            return await self._execute(method, payload)
+        except DistillError as error:
+            await self._abort(context, name, error)
+
+    async def _abort(self, context: grpc.aio.ServicerContext, rpc: str, error: DistillError) -> NoReturn:
+        self._log_failure(rpc, error, context.peer())
+        await context.abort_with_status(to_status(error))
         raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+    @staticmethod
+    def _log_failure(rpc: str, error: DistillError, peer: str, extra: str = "") -> None:
+        log.info(
+            "call failed: rpc=%s code=%s reason=%s peer=%s%s: %s",
+            rpc,
+            error.code.name,
+            error.reason,
+            peer,
+            extra,
+            error.message,
+        )
 
 
 def add_to_server(servicer: DistillServicer, server: grpc.aio.Server) -> None:
@@ -150,6 +213,9 @@ def add_to_server(servicer: DistillServicer, server: grpc.aio.Server) -> None:
         ),
         "ComputeTotalLoss": rpc(
             servicer.ComputeTotalLoss, response_serializer=pb.ComputeTotalLossResponse.SerializeToString
+        ),
+        "StreamLosses": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamLosses, response_serializer=pb.StreamLossesResponse.SerializeToString
         ),
         "GetServerInfo": rpc(
             servicer.GetServerInfo,

@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 
 from distill_client.errors import DOMAIN, DistillError
 
-__all__ = ["to_status"]
+__all__ = ["to_rich_status", "to_status"]
 
 
 def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:
@@ -23,11 +23,15 @@ def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -
     return packed
 
 
-def to_status(error: DistillError) -> grpc.Status:
-    """The rich gRPC status of an error, ready for ``context.abort_with_status``."""
+def to_rich_status(error: DistillError) -> status_pb2.Status:
+    """The ``google.rpc.Status`` of an error (code, message, ErrorInfo, BadRequest)."""
     details = [_pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata()))]
     if error.field is not None:
         violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
-    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
-    return rpc_status.to_status(status)
+    return status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
+
+
+def to_status(error: DistillError) -> grpc.Status:
+    """The rich gRPC status of an error, ready for ``context.abort_with_status``."""
+    return rpc_status.to_status(to_rich_status(error))

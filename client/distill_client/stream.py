@@ -1,0 +1,96 @@
+"""``StreamSession``: a training loop's losses over one ``StreamLosses`` stream."""
+
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from distill.v1 import distill_pb2 as pb
+from distill_client import wire
+from distill_client.errors import Unavailable, from_rich_status, from_rpc_error
+from distill_client.losses import LayerLoss
+
+__all__ = ["StepResult", "StreamSession"]
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One step's answer: its id, the total loss and every layer's result."""
+
+    step_id: int
+    total: float
+    layers: list[LayerLoss]
+
+
+class StreamSession:
+    """Send the layer configuration once, then one message per training step.
+
+    Made by :meth:`DistillClient.stream`. :meth:`step` sends a step and
+    returns its answer; a step the server rejects raises its
+    :class:`~distill_client.errors.DistillError` and the session goes on.
+    Use it as a context manager, or call :meth:`close`: closing ends the
+    stream and frees the server's side of it at once. Not thread-safe: one
+    session per training loop.
+    """
+
+    def __init__(self, method: Any, config: pb.StreamConfig, timeout: float | None) -> None:
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._requests.put(pb.StreamLossesRequest(config=config).SerializeToString())
+        self._responses: Iterator[pb.StreamLossesResponse] = method(iter(self._requests.get, _END), timeout=timeout)
+        self._next_id = 0
+        self._closed = False
+
+    def step(self, teachers: Sequence[Any], students: Sequence[Any], step_id: int | None = None) -> StepResult:
+        """The losses (and gradients, if configured) of one step.
+
+        ``step_id`` defaults to one more than the previous step's.
+
+        Raises:
+            DistillError: the step's own error (the stream goes on), or the
+                stream's (it is then over).
+        """
+        if self._closed:
+            raise Unavailable("the stream is closed")
+        step_id = self._next_id if step_id is None else step_id
+        self._next_id = step_id + 1
+        self._requests.put(wire.build(pb.StreamLossesRequest(step_id=step_id), teachers=teachers, students=students))
+        try:
+            response = next(self._responses)
+        except grpc.RpcError as exc:
+            self._closed = True
+            raise from_rpc_error(exc) from exc
+        except StopIteration:
+            self._closed = True
+            raise Unavailable("the server ended the stream") from None
+        if response.HasField("error"):
+            raise from_rich_status(response.error)
+        return StepResult(
+            response.step_id, response.total_loss, [LayerLoss.from_proto(r) for r in response.layer_losses]
+        )
+
+    def close(self) -> None:
+        """End the stream (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._requests.put(_END)
+            cancel = getattr(self._responses, "cancel", None)
+            if cancel is not None:
+                cancel()
+
+    def __enter__(self) -> StreamSession:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
