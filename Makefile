@@ -21,8 +21,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
 check: $(STAMP)
-	$(BIN)/ruff check client/distill_client server tests bench scripts
-	$(BIN)/ruff format --check client/distill_client server tests bench scripts
+	$(BIN)/ruff check client/distill_client server tests bench scripts examples
+	$(BIN)/ruff format --check client/distill_client server tests bench scripts examples
 	$(BIN)/mypy
 
 protos: $(STAMP)

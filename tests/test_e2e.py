@@ -22,7 +22,9 @@ from distill_client import (
     LayerIndexOutOfRange,
     LossKind,
     NonFiniteInput,
+    Reduction,
     RemoteFeatureDistiller,
+    ShapeMismatch,
     TeacherStudentMismatch,
     tensors,
 )
@@ -402,3 +404,63 @@ def test_client_rejects_bad_temperatures_locally(temperature: float) -> None:
     with pytest.raises(InvalidArgument) as info:
         DistilLoss.kl_divergence(temperature)
     assert info.value.field == "kl_divergence.temperature"
+
+
+# ------------------------------------------------ gradients, per-row, half precision
+
+
+ROW_LOSSES = [
+    DistilLoss.cosine(reduction=Reduction.PER_ROW),
+    DistilLoss.kl_divergence(2.0, reduction=Reduction.PER_ROW),
+    DistilLoss.combined(0.5, 0.5, 4.0, reduction=Reduction.PER_ROW),
+]
+
+
+@pytest.mark.parametrize("loss", ALL_LOSSES + ROW_LOSSES, ids=repr)
+@pytest.mark.parametrize(
+    ("dtype", "rtol"),
+    # float64 end to end; otherwise one rounding of the float64 gradient to the student's dtype.
+    [(np.float64, 1e-10), (np.float32, 2**-23), (np.float16, 2**-10), (ml_dtypes.bfloat16, 2**-7)],
+    ids=["float64", "float32", "float16", "bfloat16"],
+)
+def test_gradients_over_the_wire(client: DistillClient, loss: DistilLoss, dtype: Any, rtol: float) -> None:
+    from distill_server import engine
+
+    t, s = features((3, 16), dtype, seed_=2)
+    result = client.compute_total_loss([(0.5, loss), (1.5, loss)], [t, t], [s, s], gradients=True)
+    _, exact = engine.evaluate(loss, t.astype(np.float64), s.astype(np.float64), 1.0)
+    for weight, layer in zip([0.5, 1.5], result.layers, strict=True):
+        assert layer.gradient is not None
+        assert layer.gradient.dtype == np.dtype(dtype) and layer.gradient.shape == (3, 16)
+        np.testing.assert_allclose(
+            layer.gradient.astype(np.float64), weight * exact, rtol=rtol, atol=rtol * float(np.abs(exact).max())
+        )
+    single = client.compute_layer_loss([(0.5, loss), (1.5, loss)], 1, t, s, gradients=True)
+    assert single.gradient is not None
+    np.testing.assert_array_equal(single.gradient, result.layers[1].gradient)
+    assert client.compute_layer_loss([(1.0, loss)], 0, t, s).gradient is None
+
+
+@pytest.mark.parametrize("loss", ROW_LOSSES, ids=repr)
+def test_per_row_over_the_wire(client: DistillClient, loss: DistilLoss) -> None:
+    t, s = features((4, 2, 9), np.float32, seed_=8)
+    flat = DistilLoss(loss.kind, loss.temperature, loss.kl_weight, loss.mse_weight)
+    rows = [reference(flat, t.reshape(-1, 9)[r], s.reshape(-1, 9)[r]) for r in range(8)]
+    if loss.kind is LossKind.COMBINED:
+        kl = DistilLoss.kl_divergence(loss.temperature)
+        rows = [loss.kl_weight * reference(kl, t.reshape(-1, 9)[r], s.reshape(-1, 9)[r]) for r in range(8)]
+        expected = float(np.mean(rows)) + loss.mse_weight * reference(DistilLoss.mse(), t, s)
+    else:
+        expected = float(np.mean(rows))
+    assert client.compute_layer_loss([(1.0, loss)], 0, t, s).loss == pytest.approx(expected, rel=1e-11)
+    with pytest.raises(ShapeMismatch) as info:
+        client.compute_layer_loss([(1.0, loss)], 0, t, s.reshape(8, 9))
+    assert info.value.field == "student.shape" and info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_unknown_reduction_is_refused(server: ServerProcess) -> None:
+    bad = pb.Layer(weight=1.0, loss=pb.Loss(cosine=pb.Loss.Cosine(), reduction=9))
+    error = raw_call(
+        server, pb.ComputeTotalLossRequest(layers=[bad], teachers=[good_tensor()], students=[good_tensor()])
+    )
+    assert type(error) is InvalidArgument and error.field == "layers[0].loss.reduction"

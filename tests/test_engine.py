@@ -206,6 +206,7 @@ def test_kl_stays_exact_where_the_seed_clamps() -> None:
 def test_temperature_is_floored() -> None:
     t = np.array([0.5, 0.1, -0.2], np.float32)
     s = np.array([0.1, 0.5, -0.2], np.float32)
+
     def kl(tau: float) -> float:
         return engine.loss_value(seed.engine_loss({"kind": "kl_divergence", "temperature": tau}), t, s)
 

@@ -146,7 +146,7 @@ def test_total_loss_gradients_are_per_layer_and_weighted() -> None:
     t0, s0 = pair((3, 4), seed=5)
     t1, s1 = pair((6,), seed=6)
     layers = [Layer(0.25, FLAT[2]), Layer(-2.0, ROWS[1])]
-    total, results = engine.total_loss(layers, [t0, t1], [s0, s1], gradient=True)
+    _total, results = engine.total_loss(layers, [t0, t1], [s0, s1], gradient=True)
     np.testing.assert_allclose(results[0].gradient, autograd(FLAT[2], t0, s0, 0.25), rtol=1e-10)
     np.testing.assert_allclose(results[1].gradient, autograd(ROWS[1], t1, s1, -2.0), rtol=1e-10)
     _, plain = engine.total_loss(layers, [t0, t1], [s0, s1])

@@ -25,7 +25,12 @@ def test_reflection_describes_the_service(server: ServerProcess) -> None:
         database = ProtoReflectionDescriptorDatabase(channel)
         assert "distill.v1.DistillService" in set(database.get_services())
         service = database.FindFileContainingSymbol("distill.v1.DistillService").service[0]
-        assert [m.name for m in service.method] == ["ComputeLayerLoss", "ComputeTotalLoss", "StreamLosses", "GetServerInfo"]
+        assert [m.name for m in service.method] == [
+            "ComputeLayerLoss",
+            "ComputeTotalLoss",
+            "StreamLosses",
+            "GetServerInfo",
+        ]
 
 
 def test_probe_exit_codes(server: ServerProcess) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import queue
-from dataclasses import dataclass
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 

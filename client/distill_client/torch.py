@@ -1,0 +1,137 @@
+"""PyTorch bridge: remote distillation losses that train (``pip install 'distill-service[torch]'``).
+
+``RemoteDistillLoss`` is an ``nn.Module`` whose forward returns the remote
+total loss as a scalar tensor attached to the students' graph: ``backward()``
+feeds the server's gradients into it, as if the loss were computed locally.
+Teacher features are detached. CUDA tensors work: they travel through host
+memory and the gradients come back on each student's device and dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from distill_client.client import DistillClient, LayerSpec, TotalLoss
+from distill_client.stream import StreamSession
+
+__all__ = ["RemoteDistillLoss", "from_numpy", "remote_distill_loss", "to_numpy"]
+
+Compute = Callable[[list[np.ndarray], list[np.ndarray], bool], TotalLoss]
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A detached host copy of ``tensor`` as NumPy (bfloat16 via ml_dtypes)."""
+    host = tensor.detach().to("cpu").contiguous()
+    if host.dtype == torch.bfloat16:
+        return host.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return host.numpy()
+
+
+def from_numpy(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """``array`` as a tensor on ``like``'s device and dtype."""
+    if array.dtype == ml_dtypes.bfloat16:
+        tensor = torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.to(device=like.device, dtype=like.dtype)
+
+
+class _RemoteLoss(torch.autograd.Function):
+    """Forward: the remote total. Backward: the server's student gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, compute: Compute, n_layers: int, *features: torch.Tensor) -> torch.Tensor:
+        teachers, students = features[:n_layers], features[n_layers:]
+        wants_gradients = any(ctx.needs_input_grad[2 + n_layers :])
+        result = compute([to_numpy(t) for t in teachers], [to_numpy(s) for s in students], wants_gradients)
+        ctx.n_layers = n_layers
+        ctx.gradients = [
+            from_numpy(layer.gradient, like=student) if layer.gradient is not None else None
+            for layer, student in zip(result.layers, students, strict=True)
+        ]
+        dtype = torch.promote_types(students[0].dtype, torch.float32) if students else torch.float32
+        device = students[0].device if students else torch.device("cpu")
+        return torch.tensor(result.total, dtype=dtype, device=device)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        students = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.gradients]
+        return (None, None, *([None] * ctx.n_layers), *students)
+
+
+def remote_distill_loss(
+    compute: Compute, teacher_feats: Sequence[torch.Tensor], student_feats: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """The remote loss of one step as a scalar attached to the students' graph.
+
+    ``compute(teachers, students, gradients)`` makes the remote call (see
+    :class:`RemoteDistillLoss` for the usual ones).
+    """
+    if len(teacher_feats) != len(student_feats):
+        raise ValueError(f"{len(teacher_feats)} teacher features but {len(student_feats)} student features")
+    loss: torch.Tensor = _RemoteLoss.apply(  # type: ignore[no-untyped-call]
+        compute, len(teacher_feats), *teacher_feats, *student_feats
+    )
+    return loss
+
+
+class RemoteDistillLoss(torch.nn.Module):
+    """``loss = remote_loss(teacher_feats, student_feats)``; ``loss.backward()`` trains.
+
+    Args:
+        layers: ``(weight, DistilLoss)`` pairs, one per feature map.
+        client: A :class:`DistillClient` to use; else one is created from
+            ``target`` and ``client_options`` (and closed by :meth:`close`).
+        stream: Send the steps over one ``StreamLosses`` stream (the layers
+            travel once) instead of one ``ComputeTotalLoss`` call per step.
+        names: Optional layer names, echoed in errors.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[LayerSpec],
+        *,
+        client: DistillClient | None = None,
+        target: str | None = None,
+        stream: bool = False,
+        names: Sequence[str] | None = None,
+        **client_options: Any,
+    ) -> None:
+        super().__init__()
+        self.layers = list(layers)
+        self.names = names
+        self._owns_client = client is None
+        self.client = client if client is not None else DistillClient(target, **client_options)
+        self._use_stream = stream
+        self._session: StreamSession | None = None
+        self.last: TotalLoss | None = None
+        """The last step's full result (per-layer losses)."""
+
+    def _compute(self, teachers: list[np.ndarray], students: list[np.ndarray], gradients: bool) -> TotalLoss:
+        if not self._use_stream:
+            result = self.client.compute_total_loss(
+                self.layers, teachers, students, names=self.names, gradients=gradients
+            )
+        else:
+            if self._session is None:
+                self._session = self.client.stream(self.layers, gradients=True, names=self.names)
+            step = self._session.step(teachers, students)
+            result = TotalLoss(step.total, step.layers)
+        self.last = result
+        return result
+
+    def forward(self, teacher_feats: Sequence[torch.Tensor], student_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        return remote_distill_loss(self._compute, teacher_feats, student_feats)
+
+    def close(self) -> None:
+        """End the stream, and close the client if this module created it."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        if self._owns_client:
+            self.client.close()

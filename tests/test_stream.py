@@ -1,0 +1,138 @@
+"""StreamLosses: a training loop's steps over one stream, against a real server."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from distill.v1 import distill_pb2 as pb
+from distill_client import (
+    DimensionMismatch,
+    DistillClient,
+    DistilLoss,
+    InvalidArgument,
+    NonFiniteInput,
+    Reduction,
+    Unavailable,
+    wire,
+)
+from distill_client.errors import Cancelled, DistillError, from_rpc_error
+from tests.conftest import ServerProcess
+from tests.reference import reference
+
+LAYERS = [(0.5, DistilLoss.mse()), (2.0, DistilLoss.kl_divergence(2.0, reduction=Reduction.PER_ROW))]
+
+
+def step_data(step: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    rng = np.random.default_rng(step)
+    teachers = [rng.normal(size=(3, 7)).astype(np.float32) for _ in LAYERS]
+    return teachers, [t + rng.normal(size=t.shape).astype(np.float32) for t in teachers]
+
+
+def test_hundreds_of_steps_with_a_bad_one_in_the_middle(client: DistillClient) -> None:
+    with client.stream(LAYERS) as session:
+        for step in range(300):
+            teachers, students = step_data(step)
+            if step == 150:
+                with pytest.raises(DimensionMismatch) as info:
+                    session.step(teachers, students[:1])
+                assert (info.value.expected, info.value.got) == (2, 1)
+                continue
+            if step == 151:
+                students[1][2, 3] = np.nan
+                with pytest.raises(NonFiniteInput) as nan_info:
+                    session.step(teachers, students)
+                assert (nan_info.value.layer, nan_info.value.index) == (1, 17)
+                continue
+            result = session.step(teachers, students)
+            assert result.step_id == step
+            expected = 0.5 * reference(LAYERS[0][1], teachers[0], students[0])
+            assert result.layers[0].weighted_loss == pytest.approx(expected, rel=1e-12)
+            assert result.total == pytest.approx(math_sum(result), rel=1e-15)
+
+
+def math_sum(result: object) -> float:
+    return sum(layer.weighted_loss for layer in result.layers)  # type: ignore[attr-defined]
+
+
+def test_stream_gradients_equal_unary_gradients(client: DistillClient) -> None:
+    teachers, students = step_data(7)
+    unary = client.compute_total_loss(LAYERS, teachers, students, gradients=True)
+    with client.stream(LAYERS, gradients=True) as session:
+        streamed = session.step(teachers, students, step_id=1234)
+    assert streamed.step_id == 1234
+    assert streamed.total == unary.total
+    for a, b in zip(streamed.layers, unary.layers, strict=True):
+        assert a.gradient is not None and b.gradient is not None
+        assert a.gradient.dtype == np.float32 and a.gradient.shape == (3, 7)
+        np.testing.assert_array_equal(a.gradient, b.gradient)
+
+
+def test_closing_a_stream_frees_it_and_the_server_goes_on(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu", "--log-level", "DEBUG"])
+    with DistillClient(proc.target, timeout=30) as client:
+        session = client.stream(LAYERS)
+        for step in range(5):
+            session.step(*step_data(step))
+        session.close()
+        proc.wait_for_lines("stream ended", 1, timeout=10)
+        assert "steps=5" in proc.text()
+        with pytest.raises(Unavailable):
+            session.step(*step_data(0))
+        # A stream closed from another thread with a large step in flight is
+        # released too, and the step reports the cancellation.
+        cancelled = client.stream(LAYERS)
+        cancelled.step(*step_data(0))
+        big = [np.ones((4096, 1024), np.float32)] * 2  # 2 x 2 x 16 MiB: long in flight
+        outcome: list[BaseException] = []
+
+        def run_step() -> None:
+            try:
+                cancelled.step(big, big)
+            except DistillError as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=run_step)
+        thread.start()
+        time.sleep(0.05)
+        cancelled.close()
+        thread.join(30)
+        assert len(outcome) == 1 and type(outcome[0]) is Cancelled
+        proc.wait_for_lines("stream ended", 2, timeout=30)
+        assert client.compute_total_loss(LAYERS, *step_data(1)).total > 0
+
+
+def raw_stream(server: ServerProcess, messages: list[bytes]) -> list[pb.StreamLossesResponse]:
+    with grpc.insecure_channel(server.target) as channel:
+        method = channel.stream_stream(
+            "/distill.v1.DistillService/StreamLosses", response_deserializer=pb.StreamLossesResponse.FromString
+        )
+        return list(method(iter(messages), timeout=30))
+
+
+def test_a_stream_must_start_with_its_config(server: ServerProcess) -> None:
+    step = wire.build(pb.StreamLossesRequest(step_id=1), teachers=[np.ones(3)], students=[np.ones(3)])
+    with pytest.raises(grpc.RpcError) as info:
+        raw_stream(server, [step])
+    error = from_rpc_error(info.value)
+    assert type(error) is InvalidArgument and error.field == "config"
+
+
+def test_config_in_a_later_message_fails_that_step_only(server: ServerProcess) -> None:
+    config = pb.StreamConfig(layers=[pb.Layer(weight=1.0, loss=DistilLoss.mse().to_proto())])
+    good = wire.build(pb.StreamLossesRequest(step_id=2), teachers=[np.ones(3)], students=[np.zeros(3)])
+    responses = raw_stream(
+        server,
+        [
+            pb.StreamLossesRequest(config=config).SerializeToString(),
+            pb.StreamLossesRequest(step_id=1, config=config).SerializeToString(),
+            good,
+        ],
+    )
+    assert [r.step_id for r in responses] == [1, 2]
+    assert responses[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert not responses[1].HasField("error") and responses[1].total_loss == 1.0
