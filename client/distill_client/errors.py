@@ -19,7 +19,8 @@ the same class with the same fields, in any client::
     ├── NotFound                       NOT_FOUND
     ├── PermissionDenied               PERMISSION_DENIED
     ├── ResourceExhausted              RESOURCE_EXHAUSTED
-    │   └── MessageTooLarge            MESSAGE_TOO_LARGE
+    │   ├── MessageTooLarge            MESSAGE_TOO_LARGE
+    │   └── LimitExceeded              LIMIT_EXCEEDED (limit, got)
     ├── FailedPrecondition             FAILED_PRECONDITION
     ├── OutOfRange                     OUT_OF_RANGE
     │   ├── LayerIndexOutOfRange       LAYER_INDEX_OUT_OF_RANGE (expected, got),
@@ -55,6 +56,7 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "LayerIndexOutOfRange",
+    "LimitExceeded",
     "LossOverflow",
     "MessageTooLarge",
     "NonFiniteInput",
@@ -251,6 +253,23 @@ class MessageTooLarge(ResourceExhausted):
     """
 
     reason = "MESSAGE_TOO_LARGE"
+
+
+class LimitExceeded(ResourceExhausted):
+    """A request or the server's load is over a configured limit.
+
+    The message names the server flag (``--max-layers``, ``--max-elements``,
+    ``--max-concurrent-calls``).
+
+    Attributes:
+        limit: The configured limit.
+        got: What the request (or the server's load) amounts to.
+    """
+
+    reason = "LIMIT_EXCEEDED"
+    int_fields = ("limit", "got")
+    limit: int
+    got: int
 
 
 class FailedPrecondition(DistillError):

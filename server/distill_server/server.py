@@ -1,4 +1,5 @@
-"""``DistillServer``: the gRPC server with its options, servicer and health.
+"""``DistillServer``: the gRPC server with its options, servicer, health,
+reflection, metrics, TLS and authentication.
 
 Separate from the CLI so tests can run the real server in-process on port 0.
 """
@@ -7,7 +8,8 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -17,7 +19,10 @@ from grpc_reflection.v1alpha import reflection
 from distill_client.losses import DistilLoss
 from distill_server import backend as backends
 from distill_server import engine
+from distill_server.auth import BearerTokenInterceptor
+from distill_server.metrics import Metrics
 from distill_server.servicer import SERVICE_NAME, DistillServicer, add_to_server
+from distill_server.validation import Limits
 
 __all__ = ["DistillServer", "ServerConfig", "format_address"]
 
@@ -32,8 +37,14 @@ class ServerConfig:
     port: int = 50051
     device: str = "auto"
     workers: int = 4
-    max_message_bytes: int = 256 * 1024 * 1024
+    limits: Limits = field(default_factory=Limits)
     grace_seconds: float = 10.0
+    metrics_port: int | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token: str | None = field(default=None, repr=False)
+    reuse_port: bool = False
 
     @property
     def address(self) -> str:
@@ -52,35 +63,69 @@ def _warm_up(backend: backends.Backend) -> None:
     losses = (DistilLoss.mse(), DistilLoss.cosine(), DistilLoss.combined(0.5, 0.5, 2.0))
     with backend.activate():
         for loss in losses:
-            engine.loss_value(loss, x, x[::-1].copy())
+            engine.evaluate(loss, x, x[::-1].copy(), 1.0)
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None and config.tls_key is None:
+        if config.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 class DistillServer:
-    """A DistillService bound to its port, with health and reflection.
+    """A DistillService bound to its port, with health, reflection and metrics.
+
+    Health reports NOT_SERVING until :meth:`start` (the device is chosen and
+    warmed up in the constructor), SERVING after, NOT_SERVING from
+    :meth:`stop` on.
 
     Raises:
         BackendError: the configured device cannot be used.
+        ValueError: an incomplete TLS configuration.
         RuntimeError: the address cannot be bound (a busy port fails: no
-            SO_REUSEPORT).
+            SO_REUSEPORT unless ``reuse_port``, for multi-process serving).
     """
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        credentials = _credentials(config)
         self.backend = backends.select(config.device)
         _warm_up(self.backend)
+        self.metrics = Metrics(self.backend.device, self.backend.description)
         self.executor = ThreadPoolExecutor(config.workers, thread_name_prefix="distill")
+        interceptors = []
+        if config.auth_token:
+            interceptors.append(BearerTokenInterceptor(config.auth_token, self._count_refusal))
+        limit = config.limits.max_message_bytes
         self.server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
-                ("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ]
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.so_reuseport", int(config.reuse_port)),
+            ],
         )
-        add_to_server(DistillServicer(self.backend, self.executor, config.max_message_bytes), self.server)
+        add_to_server(DistillServicer(self.backend, self.executor, config.limits, self.metrics), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(config.address)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(config.address)
+        else:
+            self.port = self.server.add_secure_port(config.address, credentials)
+        self.metrics_port: int | None = None
+
+    def _count_refusal(self, method: str) -> None:
+        self.metrics.requests.labels(method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
 
     @property
     def address(self) -> str:
@@ -88,8 +133,12 @@ class DistillServer:
         return format_address(self.config.host, self.port)
 
     async def start(self) -> None:
-        """Start serving; health reports SERVING."""
+        """Start serving (and the metrics endpoint); health reports SERVING."""
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
@@ -99,6 +148,7 @@ class DistillServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         self.executor.shutdown(wait=True)
+        self.metrics.close()
 
     async def wait(self) -> None:
         """Wait until the server stops."""

@@ -9,27 +9,62 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy.typing as npt
 
 from distill.v1 import distill_pb2 as pb
 from distill_client import tensors
-from distill_client.errors import InvalidArgument
+from distill_client.errors import InvalidArgument, LimitExceeded
 from distill_client.losses import DistilLoss
 from distill_client.wire import TensorView
 from distill_server.engine import Layer
 
-__all__ = ["layer_index", "layers", "tensor", "tensor_list"]
+__all__ = ["Limits", "layer_index", "layers", "tensor", "tensor_list"]
 
 
-def layers(messages: Sequence[pb.Layer]) -> list[Layer]:
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server (the ``--max-*`` flags)."""
+
+    max_message_bytes: int = 256 * 1024 * 1024
+    max_layers: int = 1024
+    max_elements: int = 1 << 28
+    max_concurrent_calls: int = 64
+
+    def check_elements(self, arrays: Sequence[npt.NDArray[Any]]) -> int:
+        """The request's element count, if within ``max_elements``.
+
+        Raises:
+            LimitExceeded: more elements than ``--max-elements``.
+        """
+        elements = sum(int(array.size) for array in arrays)
+        if elements > self.max_elements:
+            raise LimitExceeded(
+                f"the request holds {elements} tensor elements; this server takes at most "
+                f"{self.max_elements} (--max-elements)",
+                limit=self.max_elements,
+                got=elements,
+            )
+        return elements
+
+
+def layers(messages: Sequence[pb.Layer], limits: Limits) -> list[Layer]:
     """The layers of a request.
 
     Raises:
+        LimitExceeded: more layers than ``--max-layers``.
         InvalidArgument: a non-finite weight, a loss without a kind, or loss
             parameters out of range (field ``layers[i]...``).
     """
+    if len(messages) > limits.max_layers:
+        raise LimitExceeded(
+            f"{len(messages)} layers sent; this server takes at most {limits.max_layers} (--max-layers)",
+            field="layers",
+            limit=limits.max_layers,
+            got=len(messages),
+        )
     checked = []
     for i, message in enumerate(messages):
         where = f"layers[{i}]"
