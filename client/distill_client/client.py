@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -21,23 +24,36 @@ from distill_client.stream import StreamSession
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_TARGET",
+    "DEFAULT_TIMEOUT",
+    "SERVICE_NAME",
     "DistillClient",
     "LayerSpec",
     "ServerInfo",
     "TotalLoss",
+    "channel_target",
     "default_target",
+    "service_config",
 ]
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 """Send and receive limit of the channel: real feature maps, not gRPC's 4 MiB."""
+DEFAULT_TIMEOUT = 300.0
+"""Default deadline of a call, in seconds (streams have none by default)."""
 
 LayerSpec = tuple[float, DistilLoss]
 """A layer as the reference holds it: ``(weight, loss)``."""
 
 
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["DistillService"].full_name
+
+
 def _method(name: str) -> str:
-    return f"/{pb.DESCRIPTOR.services_by_name['DistillService'].full_name}/{name}"
+    return f"/{SERVICE_NAME}/{name}"
+
+
+def _read(path: str | os.PathLike[str] | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()
 
 
 def default_target() -> str:
@@ -74,16 +90,70 @@ def _layers(layers: Sequence[LayerSpec], names: Sequence[str] | None) -> list[pb
     ]
 
 
+def service_config(retries: int) -> dict[str, Any]:
+    """The channel's gRPC service config: round_robin over every address the
+    target resolves to, and UNAVAILABLE retried with exponential backoff."""
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if retries > 0:
+        config["methodConfig"] = [
+            {
+                "name": [{"service": SERVICE_NAME}],
+                "retryPolicy": {
+                    "maxAttempts": retries + 1,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    return config
+
+
+def channel_target(target: str | Sequence[str]) -> str:
+    """A gRPC target for one address, or for several ``ip:port`` literals
+    (``ipv4:`` / ``ipv6:`` lists, balanced round-robin)."""
+    if isinstance(target, str):
+        return target
+    addresses = list(target)
+    if len(addresses) == 1:
+        return addresses[0]
+    families = set()
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        try:
+            families.add(ipaddress.ip_address(host.strip("[]")).version)
+        except ValueError:
+            raise ValueError(
+                f"{address!r}: a list of servers takes ip:port literals; for host names use one DNS name "
+                "that resolves to them all (dns:///name:port)"
+            ) from None
+        if not port.isdigit():
+            raise ValueError(f"{address!r} has no port")
+    if len(families) != 1:
+        raise ValueError("a list of servers must be all IPv4 or all IPv6")
+    return f"ipv{families.pop()}:{','.join(addresses)}"
+
+
 class DistillClient:
-    """A connection to a DistillService (thread-safe; use as a context manager).
+    """A connection to DistillService (thread-safe; use as a context manager).
 
     Args:
-        target: ``host:port`` (or any gRPC target); default
-            :func:`default_target`.
+        target: ``host:port``, any gRPC target (``dns:///name:port`` balances
+            over every address the name resolves to), or a list of
+            ``ip:port`` servers; default :func:`default_target`.
         max_message_bytes: Send and receive limit of the channel; raise it
             (and the server's ``--max-message-mb``) for larger feature maps.
-        timeout: Default deadline of each call in seconds; None waits forever.
-        credentials: Channel credentials for TLS; None for plaintext.
+        timeout: Default deadline of each call in seconds (None: none).
+        retries: How often a call that failed with UNAVAILABLE is retried,
+            with exponential backoff, by gRPC itself (0: never).
+        token: Bearer token sent with every call; default ``$DISTILL_AUTH_TOKEN``.
+        tls_ca: PEM file of the CA that signed the server's certificate; set it
+            (or ``tls_cert``) to use TLS. Without it TLS uses the system roots.
+        tls_cert: PEM client certificate chain, for mutual TLS.
+        tls_key: PEM private key of ``tls_cert``.
+        tls: Use TLS even without any of the files above (system roots).
+        credentials: Ready-made channel credentials (instead of the TLS files).
         options: Extra gRPC channel options.
 
     Every method raises a :class:`~distill_client.errors.DistillError`
@@ -92,26 +162,41 @@ class DistillClient:
 
     def __init__(
         self,
-        target: str | None = None,
+        target: str | Sequence[str] | None = None,
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retries: int = 4,
+        token: str | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls: bool = False,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self.target = target or default_target()
+        self.target = channel_target(target or default_target())
         self.timeout = timeout
+        token = token or os.environ.get("DISTILL_AUTH_TOKEN") or None
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         channel_options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.enable_retries", int(retries > 0)),
+            ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
+            ("grpc.service_config", json.dumps(service_config(retries))),
             *options,
         ]
+        if credentials is None and (tls or tls_ca or tls_cert or tls_key):
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca), private_key=_read(tls_key), certificate_chain=_read(tls_cert)
+            )
         if credentials is None:
             self._channel = grpc.insecure_channel(self.target, options=channel_options)
         else:
             self._channel = grpc.secure_channel(self.target, credentials, options=channel_options)
         self._stub = pb_grpc.DistillServiceStub(self._channel)
-        # The two loss methods send requests framed by distill_client.wire.
+        # The loss methods send requests framed by distill_client.wire.
         self._layer_loss = self._channel.unary_unary(
             _method("ComputeLayerLoss"), response_deserializer=pb.ComputeLayerLossResponse.FromString
         )
@@ -140,7 +225,7 @@ class DistillClient:
     def _call(self, method: Any, request: Message | bytes, timeout: float | None) -> Any:
         """Make one call; every gRPC error becomes its DistillError here."""
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
 
@@ -209,7 +294,7 @@ class DistillClient:
         default, unlike the other calls).
         """
         config = pb.StreamConfig(layers=_layers(layers, names), return_gradients=gradients)
-        return StreamSession(self._stream_losses, config, timeout)
+        return StreamSession(self._stream_losses, config, timeout, self._metadata)
 
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         """What the server offers: version, device, dtypes, loss kinds, limits."""

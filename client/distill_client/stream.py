@@ -40,10 +40,18 @@ class StreamSession:
     session per training loop.
     """
 
-    def __init__(self, method: Any, config: pb.StreamConfig, timeout: float | None) -> None:
+    def __init__(
+        self,
+        method: Any,
+        config: pb.StreamConfig,
+        timeout: float | None,
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> None:
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._requests.put(pb.StreamLossesRequest(config=config).SerializeToString())
-        self._responses: Iterator[pb.StreamLossesResponse] = method(iter(self._requests.get, _END), timeout=timeout)
+        self._responses: Iterator[pb.StreamLossesResponse] = method(
+            iter(self._requests.get, _END), timeout=timeout, metadata=metadata
+        )
         self._next_id = 0
         self._closed = False
 
