@@ -16,9 +16,14 @@ from tests.conftest import ServerProcess
 _METRICS_PORT = re.compile(r"metrics on :(\d+)")
 
 
-def scrape(proc: ServerProcess) -> dict[str, float]:
+def metrics_ports(proc: ServerProcess) -> list[int]:
+    """The metrics ports the server (each of its processes) logged."""
+    return [int(port) for port in _METRICS_PORT.findall(proc.text())]
+
+
+def scrape(proc: ServerProcess, port: int | None = None) -> dict[str, float]:
     """Every sample as ``name{label="value",...}``, plus each name summed over its labels."""
-    port = int(_METRICS_PORT.findall(proc.text())[-1])
+    port = port or metrics_ports(proc)[-1]
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
     samples: dict[str, float] = defaultdict(float)

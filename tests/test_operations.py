@@ -1,0 +1,156 @@
+"""What operators rely on: limits, configuration from the environment, logs,
+health during a drain, and many replicas behind one client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from distill_client import DistillClient, DistilLoss, LimitExceeded
+from tests.conftest import ServerProcess
+from tests.test_metrics import metrics_ports, scrape
+
+MSE = [(1.0, DistilLoss.mse())]
+
+
+def test_layer_and_element_limits(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu", "--max-layers", "3", "--max-elements", "1000"])
+    t = np.ones(100, np.float32)
+    with DistillClient(proc.target, timeout=10) as client:
+        assert client.compute_total_loss(MSE * 3, [t] * 3, [t] * 3).total == 0.0
+        with pytest.raises(LimitExceeded) as info:
+            client.compute_total_loss(MSE * 4, [t] * 4, [t] * 4)
+        assert (info.value.limit, info.value.got) == (3, 4) and "--max-layers" in info.value.message
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        big = np.ones(501, np.float32)
+        with pytest.raises(LimitExceeded) as info:
+            client.compute_layer_loss(MSE, 0, big, big)
+        assert (info.value.limit, info.value.got) == (1000, 1002) and "--max-elements" in info.value.message
+        with pytest.raises(LimitExceeded), client.stream(MSE) as session:
+            session.step([big], [big])
+
+
+def test_concurrent_call_limit(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu", "--max-concurrent-calls", "1", "--log-level", "DEBUG"])
+    with DistillClient(proc.target, timeout=30) as client:
+        session = client.stream(MSE)  # holds the only slot while it is open
+        session.step([np.ones(3)], [np.ones(3)])
+        with pytest.raises(LimitExceeded) as info:
+            client.compute_total_loss(MSE, [np.ones(3)], [np.ones(3)])
+        assert (info.value.limit, info.value.got) == (1, 2) and "--max-concurrent-calls" in info.value.message
+        session.close()
+        proc.wait_for_lines("stream ended", 1)
+        assert client.compute_total_loss(MSE, [np.ones(3)], [np.zeros(3)]).total == 1.0
+
+
+def test_environment_configures_and_flags_win(tmp_path: object) -> None:
+    env = {**os.environ, "DISTILL_MAX_LAYERS": "7", "DISTILL_DEVICE": "cpu", "DISTILL_PORT": "0"}
+    help_text = subprocess.run(
+        [sys.executable, "-m", "distill_server", "--help"], capture_output=True, text=True, env=env, timeout=60
+    ).stdout
+    help_text = " ".join(help_text.split())
+    assert "[env DISTILL_MAX_LAYERS; default 7]" in help_text
+    for flag in ("--metrics-port", "--tls-cert", "--tls-client-ca", "--auth-token-file", "--max-concurrent-calls"):
+        assert flag in help_text
+    bad = subprocess.run(
+        [sys.executable, "-m", "distill_server"],
+        capture_output=True,
+        text=True,
+        env={**env, "DISTILL_WORKERS": "many"},
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "$DISTILL_WORKERS='many'" in bad.stderr
+
+
+def test_env_and_flag_precedence_on_a_running_server(
+    start_server: type[ServerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DISTILL_MAX_MESSAGE_MB", "3")
+    monkeypatch.setenv("DISTILL_MAX_LAYERS", "2")
+    proc = start_server(["--device", "cpu", "--max-layers", "5"])
+    with DistillClient(proc.target, timeout=10) as client:
+        assert client.server_info().max_message_bytes == 3 * 1024 * 1024  # from the environment
+        client.compute_total_loss(MSE * 5, [np.ones(2)] * 5, [np.ones(2)] * 5)  # the flag won
+
+
+def test_json_logs_one_line_per_failed_call(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu", "--log-format", "json"])
+    with DistillClient(proc.target, timeout=10) as client:
+        with pytest.raises(Exception):
+            client.compute_total_loss(MSE, [np.ones(3)], [np.ones(4)])
+    proc.wait_for_lines("TEACHER_STUDENT_MISMATCH", 1, timeout=10)
+    lines = [json.loads(line) for line in proc.text().splitlines() if line.startswith("{")]
+    failed = [line for line in lines if line.get("reason") == "TEACHER_STUDENT_MISMATCH"]
+    assert len(failed) == 1
+    entry = failed[0]
+    assert entry["rpc"] == "ComputeTotalLoss" and entry["code"] == "INVALID_ARGUMENT"
+    assert entry["peer"].startswith("ipv4:127.0.0.1:") and entry["level"] == "WARNING"
+    assert "3 elements" in entry["error"]
+
+
+def test_health_goes_not_serving_when_draining(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu", "--grace", "5"])
+    seen: list[int] = []
+    with grpc.insecure_channel(proc.target) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+
+        def follow() -> None:
+            try:
+                for response in watch:
+                    seen.append(response.status)
+            except grpc.RpcError:
+                pass
+
+        thread = threading.Thread(target=follow)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        thread.join(30)
+    assert seen[0] == health_pb2.HealthCheckResponse.SERVING
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in seen[1:]
+
+
+def test_round_robin_over_replicas_survives_a_dead_one(start_server: type[ServerProcess]) -> None:
+    replicas = [start_server(["--device", "cpu", "--metrics-port", "0"]) for _ in range(3)]
+    targets = [r.target for r in replicas]
+    t = np.ones(64, np.float32)
+    with DistillClient(targets, timeout=30) as client:
+        for _ in range(30):
+            assert client.compute_total_loss(MSE, [t], [t + 1]).total == 1.0
+        counts = [scrape(r).get('distill_requests_total{code="OK",rpc="ComputeTotalLoss"}', 0) for r in replicas]
+        assert sum(counts) == 30 and all(c >= 5 for c in counts), counts  # spread over all three
+        replicas[0].process.kill()  # no drain: connections drop
+        replicas[0].process.wait()
+        for _ in range(30):  # gRPC retries UNAVAILABLE on the survivors
+            assert client.compute_total_loss(MSE, [t], [t + 1]).total == 1.0
+    later = [scrape(r).get('distill_requests_total{code="OK",rpc="ComputeTotalLoss"}', 0) for r in replicas[1:]]
+    assert sum(later) - sum(counts[1:]) == 30
+
+
+def test_several_processes_share_one_port(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu", "--processes", "2", "--metrics-port", "0"])
+    proc.wait_for_lines("ready on", 2)
+    t = np.ones(16, np.float32)
+    for _ in range(30):  # each new connection goes to one of the processes
+        with DistillClient(proc.target, timeout=10) as client:
+            assert client.compute_total_loss(MSE, [t], [t]).total == 0.0
+    assert "2 processes on 127.0.0.1:" in proc.text()
+    ports = metrics_ports(proc)
+    served = [scrape(proc, port).get('distill_requests_total{code="OK",rpc="ComputeTotalLoss"}', 0) for port in ports]
+    assert len(ports) == 2 and sum(served) == 30 and min(served) > 0, served
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert proc.text().count("stopped") == 2
