@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from distill_client import DistillClient, DistilLoss, LimitExceeded
+from distill_client import DistillClient, DistilLoss, LimitExceeded, TeacherStudentMismatch
 from tests.conftest import ServerProcess
 from tests.test_metrics import metrics_ports, scrape
 
@@ -86,7 +86,7 @@ def test_env_and_flag_precedence_on_a_running_server(
 def test_json_logs_one_line_per_failed_call(start_server: type[ServerProcess]) -> None:
     proc = start_server(["--device", "cpu", "--log-format", "json"])
     with DistillClient(proc.target, timeout=10) as client:
-        with pytest.raises(Exception):
+        with pytest.raises(TeacherStudentMismatch):
             client.compute_total_loss(MSE, [np.ones(3)], [np.ones(4)])
     proc.wait_for_lines("TEACHER_STUDENT_MISMATCH", 1, timeout=10)
     lines = [json.loads(line) for line in proc.text().splitlines() if line.startswith("{")]
