@@ -39,7 +39,10 @@ def test_deployment_requests_a_gpu_and_probes_grpc_health() -> None:
 def test_service_is_headless_for_client_side_balancing() -> None:
     service = load(ROOT / "deploy" / "k8s" / "service.yaml")
     assert service["spec"]["clusterIP"] == "None"
-    assert service["spec"]["selector"] == load(ROOT / "deploy" / "k8s" / "deployment.yaml")["spec"]["selector"]["matchLabels"]
+    assert (
+        service["spec"]["selector"]
+        == load(ROOT / "deploy" / "k8s" / "deployment.yaml")["spec"]["selector"]["matchLabels"]
+    )
 
 
 def test_autoscaler_targets_the_deployment() -> None:

@@ -1,0 +1,80 @@
+"""A second language: the Node.js client against a real server, and buf lint
+of the contract. Both need Node.js and npm (they skip without them)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distill_client import DistillClient, DistilLoss
+from scripts.lint_protos import BUF, lint
+from tests.conftest import ServerProcess
+
+NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
+
+
+@pytest.fixture(scope="module")
+def node_client() -> Path:
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("needs Node.js and npm")
+    lock = NODE_DIR / "package-lock.json"
+    stamp = NODE_DIR / "node_modules" / ".package-lock.json"
+    if not stamp.exists() or stamp.stat().st_mtime < lock.stat().st_mtime:
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, capture_output=True, timeout=600
+        )
+    return NODE_DIR
+
+
+def test_node_client_agrees_with_python_and_reads_rich_errors(
+    node_client: Path, server: ServerProcess, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(3)
+    shapes = [(2, 5), (7,), (3, 4)]
+    teachers = [rng.normal(size=shape).astype(np.float32) for shape in shapes]
+    students = [t + rng.normal(size=t.shape).astype(np.float32) for t in teachers]
+    specs = [
+        {"weight": 0.5, "kind": "mse", "name": "a"},
+        {"weight": 1.5, "kind": "kl_divergence", "temperature": 2.0, "name": "b"},
+        {"weight": -1.0, "kind": "combined", "kl_weight": 0.25, "mse_weight": 0.75, "temperature": 4.0, "name": "c"},
+    ]
+    losses = [DistilLoss.mse(), DistilLoss.kl_divergence(2.0), DistilLoss.combined(0.25, 0.75, 4.0)]
+    layers = [(spec["weight"], loss) for spec, loss in zip(specs, losses, strict=True)]
+    with DistillClient(server.target, timeout=30) as client:
+        total = client.compute_total_loss(layers, teachers, students).total
+        layer_1 = client.compute_layer_loss(layers, 1, teachers[1], students[1]).weighted_loss
+    case = {
+        "target": server.target,
+        "layers": specs,
+        "teachers": [{"values": t.ravel().tolist(), "shape": list(t.shape)} for t in teachers],
+        "students": [{"values": s.ravel().tolist(), "shape": list(s.shape)} for s in students],
+        "expected_total": total,
+        "expected_layer_1": layer_1,
+    }
+    path = tmp_path / "case.json"
+    path.write_text(json.dumps(case))
+    result = subprocess.run(
+        ["node", "check.js", str(path)], cwd=node_client, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    seen = json.loads(result.stdout)
+    # Same float32 bytes in, same float64 computation: the same numbers.
+    assert seen["total_loss"] == total and seen["layer_1"] == layer_1
+    assert seen["names"] == ["a", "b", "c"]
+    error = seen["error"]
+    assert error["code"] == "INVALID_ARGUMENT" and error["reason"] == "TEACHER_STUDENT_MISMATCH"
+    assert error["domain"] == "distill.v1"
+    assert error["metadata"] == {"teacher": "10", "student": "3", "layer": "0", "field": "student"}
+    assert error["fieldViolations"] == [{"field": "student", "description": error["message"]}]
+
+
+def test_buf_lint_passes_with_the_standard_rules(node_client: Path) -> None:
+    assert BUF.exists()
+    result = lint()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == ""
