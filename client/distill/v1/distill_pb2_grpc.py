@@ -76,9 +76,17 @@ class DistillServiceServicer:
         in element count; metadata `teacher`, `student`.
         - INVALID_ARGUMENT, NON_FINITE_INPUT: a NaN or infinity in a tensor;
         metadata `index` (flat C-order index of the first one).
+        - INVALID_ARGUMENT, SHAPE_MISMATCH: a REDUCTION_PER_ROW loss whose
+        teacher and student shapes differ.
         - OUT_OF_RANGE, LOSS_OVERFLOW: finite inputs whose loss overflows float64.
-        - RESOURCE_EXHAUSTED: the request exceeds the server's message limit.
-        None of these succeed on retry; UNAVAILABLE may be retried.
+        - RESOURCE_EXHAUSTED: the request exceeds the server's message limit, or
+        (reason LIMIT_EXCEEDED, metadata `limit` and `got`) its limits on
+        layers, elements or concurrent calls.
+        - UNAUTHENTICATED: the server requires a bearer token
+        (`authorization: Bearer <token>` metadata) and the call lacks it.
+        Every error metadata also names the `layer` and request `field` it
+        concerns where there is one. None of these succeed on retry; UNAVAILABLE
+        may be retried (with backoff).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
