@@ -1,8 +1,9 @@
 """The baseline: a bare grpcio server for the same RPC, with no validation or engine.
 
-It parses the same ComputeTotalLossRequest and answers the MSE of the first
-pair with one NumPy ``dot``, so ``bench_loopback.py`` can compare DistillService
-against the cheapest call that carries the same bytes.
+It parses the same requests and answers the MSE of the first pair with one
+NumPy ``dot`` (and, for ComputeLayerLoss, its gradient), so
+``bench_loopback.py`` can compare DistillService against the cheapest call
+that carries the same bytes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,19 @@ LIMIT = 512 * 1024 * 1024
 
 
 class Bare(pb_grpc.DistillServiceServicer):
+    def ComputeLayerLoss(
+        self, request: pb.ComputeLayerLossRequest, context: grpc.ServicerContext
+    ) -> pb.ComputeLayerLossResponse:
+        """The MSE and its gradient ``2 (s - t) / n``, sent back the protobuf way."""
+        t = np.frombuffer(request.teacher.data, dtype=np.float32)
+        s = np.frombuffer(request.student.data, dtype=np.float32)
+        d = s - t
+        gradient = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[t.size], data=(d * (2 / t.size)).tobytes())
+        loss = float(np.dot(d, d)) / t.size
+        return pb.ComputeLayerLossResponse(
+            layer_loss=pb.LayerLoss(loss=loss, weighted_loss=loss, student_gradient=gradient)
+        )
+
     def ComputeTotalLoss(
         self, request: pb.ComputeTotalLossRequest, context: grpc.ServicerContext
     ) -> pb.ComputeTotalLossResponse:

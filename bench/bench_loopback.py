@@ -100,6 +100,34 @@ def measure(client: DistillClient, stub: pb_grpc.DistillServiceStub, name: str, 
     return f"| 2 x {name}B | {fmt(a)} | {fmt(b)} | {a / b:.2f}x |"
 
 
+def measure_gradients(client: DistillClient, stub: pb_grpc.DistillServiceStub, name: str, repeats: int) -> str:
+    """One table row: ``ComputeLayerLoss`` with the MSE gradient coming back."""
+    n = SIZES[name] // 4
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=n).astype(np.float32)
+    s = rng.normal(size=n).astype(np.float32)
+    layers = [(1.0, DistilLoss.mse())]
+
+    def ours() -> np.ndarray:
+        gradient = client.compute_layer_loss(layers, 0, t, s, gradients=True).gradient
+        assert gradient is not None
+        return gradient
+
+    def bare_call() -> np.ndarray:
+        request = pb.ComputeLayerLossRequest(
+            layers=[pb.Layer(weight=1.0, loss=pb.Loss(mse=pb.Loss.Mse()))],
+            teacher=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[n], data=t.tobytes()),
+            student=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[n], data=s.tobytes()),
+        )
+        data = stub.ComputeLayerLoss(request).layer_loss.student_gradient.data
+        return np.frombuffer(data, dtype=np.float32)
+
+    np.testing.assert_allclose(ours(), bare_call(), rtol=1e-5, atol=1e-12)
+    reps = repeats if n < (1 << 22) else max(5, repeats // 10)
+    a, b = median_seconds(ours, reps), median_seconds(bare_call, reps)
+    return f"| 2 x {name}B in, {name}B gradient out | {fmt(a)} | {fmt(b)} | {a / b:.2f}x |"
+
+
 def transport(sizes: list[str], repeats: int) -> list[str]:
     distill, distill_target = start_distill_server()
     bare, bare_target = start_bare_server()
@@ -116,6 +144,9 @@ def transport(sizes: list[str], repeats: int) -> list[str]:
         stub = pb_grpc.DistillServiceStub(channel)
         for name in sizes:
             rows.append(measure(client, stub, name, repeats))
+            print(rows[-1], file=sys.stderr)
+        for name in sizes:
+            rows.append(measure_gradients(client, stub, name, repeats))
             print(rows[-1], file=sys.stderr)
         client.close()
         channel.close()

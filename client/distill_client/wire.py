@@ -6,7 +6,8 @@ feature maps of tens of MB those copies are most of a call's time, so the
 client and the server frame the tensor fields themselves and let the
 protobuf runtime handle everything else:
 
-- building: the request without its tensors is serialized by protobuf; each
+- building (requests on the client, responses with gradients on the
+  server): the message without its tensors is serialized by protobuf; each
   tensor is appended as its own length-delimited field (a Tensor holding
   dtype and shape, serialized by protobuf, then the raw ``data`` field
   pointing at the array's memory). Appending a field to a serialized message
@@ -32,7 +33,7 @@ from distill.v1 import distill_pb2 as pb
 from distill_client.errors import InvalidArgument
 from distill_client.tensors import to_wire
 
-__all__ = ["TensorView", "build", "split"]
+__all__ = ["Framed", "TensorView", "build", "frame", "split"]
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _DATA_FIELD = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
@@ -65,28 +66,39 @@ def _len_field(number: int, chunks: Sequence[Chunk]) -> list[Chunk]:
     return [_varint(number << 3 | _LEN), _varint(size), *chunks]
 
 
-def _tensor_chunks(number: int, value: Any) -> list[Chunk]:
+@dataclass(frozen=True)
+class Framed:
+    """A serialized message as chunks: the arrays' memory is not copied yet."""
+
+    chunks: list[Chunk]
+
+
+def _tensor_body(value: Any) -> list[Chunk]:
     code, array = to_wire(value)
     header = pb.Tensor(dtype=code, shape=array.shape).SerializeToString()
-    data = array.reshape(-1).view(np.uint8).data
-    return _len_field(number, [header, *_len_field(_DATA_FIELD, [data])])
+    return [header, *_len_field(_DATA_FIELD, [array.reshape(-1).view(np.uint8).data])]
 
 
-def build(message: Message, **tensors: Any) -> bytes:
-    """Serialize ``message`` with tensor fields appended from arrays.
+def frame(message: Message, **fields: Any) -> Framed:
+    """``message`` serialized, with message fields appended without copies.
 
-    Each keyword names a Tensor field of ``message``'s type: a sequence of
-    arrays for a repeated field, one array for a singular field. The arrays'
-    bytes are copied once, into the result.
+    Each keyword names a message-typed field of ``message``: a Tensor field
+    takes arrays, any other message field takes :class:`Framed` messages; a
+    repeated field takes a sequence of them, a singular field one.
     """
     chunks: list[Chunk] = [message.SerializeToString()]
-    fields = message.DESCRIPTOR.fields_by_name
-    for name, value in tensors.items():
-        field = fields[name]
-        values = value if field.is_repeated else [value]
-        for item in values:
-            chunks += _tensor_chunks(field.number, item)
-    return b"".join(chunks)
+    by_name = message.DESCRIPTOR.fields_by_name
+    for name, value in fields.items():
+        field = by_name[name]
+        for item in value if field.is_repeated else [value]:
+            body = item.chunks if isinstance(item, Framed) else _tensor_body(item)
+            chunks += _len_field(field.number, body)
+    return Framed(chunks)
+
+
+def build(message: Message, **fields: Any) -> bytes:
+    """:func:`frame`, joined: the arrays' bytes are copied once, into the result."""
+    return b"".join(frame(message, **fields).chunks)
 
 
 def _malformed(what: str) -> InvalidArgument:

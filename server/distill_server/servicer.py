@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -47,7 +46,8 @@ class DistillServicer:
     """Computes losses on ``backend``, large ones in ``executor``'s threads.
 
     The loss methods take the serialized request: :mod:`distill_client.wire`
-    splits it so that tensors are views on the received bytes.
+    splits it so that tensors are views on the received bytes, and frames the
+    response so that gradients are copied once.
     """
 
     def __init__(self, backend: Backend, executor: Executor, limits: Limits, metrics: Metrics) -> None:
@@ -67,19 +67,19 @@ class DistillServicer:
 
     # ------------------------------------------------------------ the RPCs
 
-    async def ComputeLayerLoss(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.ComputeLayerLossResponse:
+    async def ComputeLayerLoss(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         async with self._call("ComputeLayerLoss", request, context):
             return await self._execute(self._layer_loss, request)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def ComputeTotalLoss(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.ComputeTotalLossResponse:
+    async def ComputeTotalLoss(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         async with self._call("ComputeTotalLoss", request, context):
             return await self._execute(self._total_loss, request)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def StreamLosses(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.StreamLossesResponse]:
+    ) -> AsyncIterator[bytes]:
         """One configuration, then one response per step; a failed step
         answers with its error and the stream goes on."""
         steps = 0
@@ -108,7 +108,7 @@ class DistillServicer:
 
     # ------------------------------------------------------------ the work
 
-    def _layer_loss(self, payload: bytes) -> pb.ComputeLayerLossResponse:
+    def _layer_loss(self, payload: bytes) -> bytes:
         request, views = wire.split(pb.ComputeLayerLossRequest, payload)
         layers = validation.layers(request.layers, self.limits)
         index = validation.layer_index(request.layer_index)
@@ -118,17 +118,17 @@ class DistillServicer:
         result = engine.layer_loss(
             layers, index, *self._on_device([teacher, student]), gradient=request.return_gradients
         )
-        return pb.ComputeLayerLossResponse(layer_loss=self._encode(result, student.dtype))
+        return wire.build(pb.ComputeLayerLossResponse(), layer_loss=self._encode(result, student.dtype))
 
-    def _total_loss(self, payload: bytes) -> pb.ComputeTotalLossResponse:
+    def _total_loss(self, payload: bytes) -> bytes:
         request, views = wire.split(pb.ComputeTotalLossRequest, payload)
         layers = validation.layers(request.layers, self.limits)
         total, results = self._total("ComputeTotalLoss", layers, views, request.return_gradients)
-        return pb.ComputeTotalLossResponse(total_loss=total, layer_losses=results)
+        return wire.build(pb.ComputeTotalLossResponse(total_loss=total), layer_losses=results)
 
     def _total(
         self, rpc: str, layers: list[engine.Layer], views: dict[str, list[wire.TensorView]], gradients: bool
-    ) -> tuple[float, list[pb.LayerLoss]]:
+    ) -> tuple[float, list[wire.Framed]]:
         """Decode the tensors, compute every layer, encode the results."""
         teachers = validation.tensor_list(views["teachers"], "teachers")
         students = validation.tensor_list(views["students"], "students")
@@ -144,12 +144,14 @@ class DistillServicer:
     def _on_device(self, arrays: list[np.ndarray]) -> list[Any]:
         return [self.backend.to_device(array) for array in arrays]
 
-    def _encode(self, result: engine.LayerResult, dtype: np.dtype[Any]) -> pb.LayerLoss:
-        """A layer's result; its gradient in the student's wire dtype."""
+    def _encode(self, result: engine.LayerResult, dtype: np.dtype[Any]) -> wire.Framed:
+        """A layer's result, its gradient in the student's wire dtype framed
+        without protobuf's copies."""
+        message = result.loss.to_proto()
         if result.gradient is None:
-            return result.loss.to_proto()
+            return wire.frame(message)
         gradient = self.backend.to_host(result.gradient).astype(dtype, copy=False)
-        return dataclasses.replace(result.loss, gradient=gradient).to_proto()
+        return wire.frame(message, student_gradient=gradient)
 
     def _stream_config(self, payload: bytes) -> tuple[list[engine.Layer], bool]:
         request, views = wire.split(pb.StreamLossesRequest, payload)
@@ -159,26 +161,24 @@ class DistillServicer:
             raise InvalidArgument("the first message of a stream carries only config", field="config")
         return validation.layers(request.config.layers, self.limits), request.config.return_gradients
 
-    async def _step(
-        self, payload: bytes, layers: list[engine.Layer], gradients: bool, peer: str
-    ) -> pb.StreamLossesResponse:
+    async def _step(self, payload: bytes, layers: list[engine.Layer], gradients: bool, peer: str) -> bytes:
         step_id = 0
 
-        def step(payload: bytes) -> pb.StreamLossesResponse:
+        def step(payload: bytes) -> bytes:
             nonlocal step_id
             request, views = wire.split(pb.StreamLossesRequest, payload)
             step_id = request.step_id
             if request.HasField("config"):
                 raise InvalidArgument("config may be set only in the first message of a stream", field="config")
             total, results = self._total("StreamLosses", layers, views, gradients)
-            return pb.StreamLossesResponse(step_id=step_id, total_loss=total, layer_losses=results)
+            return wire.build(pb.StreamLossesResponse(step_id=step_id, total_loss=total), layer_losses=results)
 
         try:
             response = await self._execute(step, payload)
         except DistillError as error:
             self.metrics.stream_steps.labels(error.code.name).inc()
             _log_failure("StreamLosses", error, peer, f" step={step_id}")
-            return pb.StreamLossesResponse(step_id=step_id, error=to_rich_status(error))
+            return pb.StreamLossesResponse(step_id=step_id, error=to_rich_status(error)).SerializeToString()
         self.metrics.stream_steps.labels("OK").inc()
         return response
 
@@ -206,7 +206,8 @@ class DistillServicer:
     async def _call(self, rpc: str, payload: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """Admit, count and time one call; a DistillError aborts it with its rich status."""
         start, code = time.perf_counter(), "OK"
-        log.debug("call started: rpc=%s peer=%s", rpc, context.peer())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("call started: rpc=%s peer=%s", rpc, context.peer())
         self.metrics.received.labels(rpc).inc(len(payload))
         try:
             with self._slot(rpc):
@@ -267,18 +268,13 @@ def _log_failure(rpc: str, error: DistillError, peer: str, extra: str = "") -> N
 
 
 def add_to_server(servicer: DistillServicer, server: grpc.aio.Server) -> None:
-    """Register the servicer's methods; the loss requests arrive as raw bytes."""
+    """Register the servicer's methods; the loss methods take and return
+    serialized messages (framed by :mod:`distill_client.wire`)."""
     rpc = grpc.unary_unary_rpc_method_handler
     handlers = {
-        "ComputeLayerLoss": rpc(
-            servicer.ComputeLayerLoss, response_serializer=pb.ComputeLayerLossResponse.SerializeToString
-        ),
-        "ComputeTotalLoss": rpc(
-            servicer.ComputeTotalLoss, response_serializer=pb.ComputeTotalLossResponse.SerializeToString
-        ),
-        "StreamLosses": grpc.stream_stream_rpc_method_handler(
-            servicer.StreamLosses, response_serializer=pb.StreamLossesResponse.SerializeToString
-        ),
+        "ComputeLayerLoss": rpc(servicer.ComputeLayerLoss),
+        "ComputeTotalLoss": rpc(servicer.ComputeTotalLoss),
+        "StreamLosses": grpc.stream_stream_rpc_method_handler(servicer.StreamLosses),
         "GetServerInfo": rpc(
             servicer.GetServerInfo,
             request_deserializer=pb.GetServerInfoRequest.FromString,
