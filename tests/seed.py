@@ -114,3 +114,18 @@ def loss_of(distiller: dict[str, Any]) -> dict[str, Any]:
 
 def case_id(case: dict[str, Any]) -> str:
     return str(case["id"])
+
+
+def assert_seed_error(error: BaseException, result: dict[str, Any]) -> None:
+    """``error`` is the reference's error kind, with the reference's fields."""
+    from distill_client import DimensionMismatch, EmptyInput, TeacherStudentMismatch
+
+    kinds = {
+        "EmptyInput": (EmptyInput, ()),
+        "TeacherStudentMismatch": (TeacherStudentMismatch, ("teacher", "student")),
+        "DimensionMismatch": (DimensionMismatch, ("expected", "got")),
+    }
+    kind, fields = kinds[result["error"]]
+    assert isinstance(error, kind), (error, result)
+    for name in fields:
+        assert getattr(error, name) == result[name], (name, getattr(error, name), result[name])

@@ -17,7 +17,6 @@ from distill_client import (
     DimensionMismatch,
     DistillClient,
     DistilLoss,
-    EmptyInput,
     InvalidArgument,
     LayerIndexOutOfRange,
     LossKind,
@@ -25,27 +24,12 @@ from distill_client import (
     Reduction,
     RemoteFeatureDistiller,
     ShapeMismatch,
-    TeacherStudentMismatch,
     tensors,
 )
 from distill_client.errors import DistillError, from_rpc_error
 from tests import seed
 from tests.conftest import ServerProcess
 from tests.reference import ALL_LOSSES, reference
-
-SEED_ERRORS = {
-    "EmptyInput": EmptyInput,
-    "TeacherStudentMismatch": TeacherStudentMismatch,
-    "DimensionMismatch": DimensionMismatch,
-}
-SEED_FIELDS = {"TeacherStudentMismatch": ("teacher", "student"), "DimensionMismatch": ("expected", "got")}
-
-
-def assert_seed_error(error: DistillError, result: dict[str, Any]) -> None:
-    assert isinstance(error, SEED_ERRORS[result["error"]]), (error, result)
-    for name in SEED_FIELDS.get(result["error"], ()):
-        assert getattr(error, name) == result[name]
-
 
 # ---------------------------------------------------------------- seed vectors
 
@@ -62,7 +46,7 @@ def test_seed_loss_cases_over_the_wire(client: DistillClient, case: dict[str, An
     if result["type"] == "error":
         with pytest.raises(DistillError) as info:
             distiller.compute_layer_loss(0, t, s)
-        assert_seed_error(info.value, result)
+        seed.assert_seed_error(info.value, result)
     elif result["ref64"] is None:  # NaN or infinity in the inputs
         with pytest.raises(NonFiniteInput) as info:
             distiller.compute_layer_loss(0, t, s)
@@ -96,7 +80,7 @@ def test_seed_distiller_cases_over_the_wire(client: DistillClient, case: dict[st
     if result["type"] == "error":
         with pytest.raises(DistillError) as info:
             call()
-        assert_seed_error(info.value, result)
+        seed.assert_seed_error(info.value, result)
     else:
         assert abs(call() - result["ref64"]) <= seed.tolerance(result["ref64"], spec, weight)
 

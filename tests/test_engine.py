@@ -14,23 +14,14 @@ from distill_client import DistilLoss
 from distill_client.errors import (
     DimensionMismatch,
     DistillError,
-    EmptyInput,
     LayerIndexOutOfRange,
     LossOverflow,
     NonFiniteInput,
-    TeacherStudentMismatch,
 )
 from distill_server import backend, engine
 from distill_server.engine import Layer
 from tests import seed
 from tests.reference import ALL_LOSSES, reference
-
-ERRORS = {
-    "EmptyInput": EmptyInput,
-    "TeacherStudentMismatch": TeacherStudentMismatch,
-    "DimensionMismatch": DimensionMismatch,
-}
-FIELDS = {"TeacherStudentMismatch": ("teacher", "student"), "DimensionMismatch": ("expected", "got")}
 
 
 def on(xp: ModuleType, values: Any) -> Any:
@@ -46,12 +37,6 @@ def assert_close(value: float, case: dict[str, Any], spec: dict[str, Any], weigh
     seed_value = seed.number(result["seed"]["value"]) if "seed" in result else math.nan
     if math.isfinite(seed_value):
         assert error <= abs(seed_value - reference) + seed.tolerance(reference, spec, weight)
-
-
-def assert_seed_error(exc: BaseException, result: dict[str, Any]) -> None:
-    assert isinstance(exc, ERRORS[result["error"]]), (exc, result)
-    for name in FIELDS.get(result["error"], ()):
-        assert getattr(exc, name) == result[name], (name, getattr(exc, name), result[name])
 
 
 LOSS_CASES = [
@@ -75,7 +60,7 @@ def test_loss_errors_are_the_seeds(xp: ModuleType, case: dict[str, Any]) -> None
     layers = [Layer(1.0, seed.engine_loss(case["loss"]))]
     with pytest.raises(DistillError) as info:
         engine.layer_loss(layers, 0, t, s)
-    assert_seed_error(info.value, case["result"])
+    seed.assert_seed_error(info.value, case["result"])
 
 
 NON_FINITE_CASES = [c for c in seed.cases("DistilLoss.compute") if c["category"] == "loss_nonfinite_input"]
@@ -101,7 +86,7 @@ def test_layer_loss_cases(xp: ModuleType, case: dict[str, Any]) -> None:
     if case["result"]["type"] == "error":
         with pytest.raises(DistillError) as info:
             engine.layer_loss(layers, args["layer_index"], t, s)
-        assert_seed_error(info.value, case["result"])
+        seed.assert_seed_error(info.value, case["result"])
         return
     result = engine.layer_loss(layers, args["layer_index"], t, s).loss
     weight = layers[args["layer_index"]].weight
@@ -117,7 +102,7 @@ def test_total_loss_cases(xp: ModuleType, case: dict[str, Any]) -> None:
     if case["result"]["type"] == "error":
         with pytest.raises(DistillError) as info:
             engine.total_loss(layers, teachers, students)
-        assert_seed_error(info.value, case["result"])
+        seed.assert_seed_error(info.value, case["result"])
         return
     total, results = engine.total_loss(layers, teachers, students)
     assert total == math.fsum(r.loss.weighted_loss for r in results)

@@ -8,7 +8,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import grpc
@@ -17,6 +16,7 @@ from google.protobuf.message import Message
 from distill.v1 import distill_pb2 as pb
 from distill.v1 import distill_pb2_grpc as pb_grpc
 from distill_client import wire
+from distill_client._closing import Closing
 from distill_client.errors import from_rpc_error
 from distill_client.losses import DistilLoss, LayerLoss, LossKind
 from distill_client.stream import StreamSession
@@ -135,7 +135,7 @@ def channel_target(target: str | Sequence[str]) -> str:
     return f"ipv{families.pop()}:{','.join(addresses)}"
 
 
-class DistillClient:
+class DistillClient(Closing):
     """A connection to DistillService (thread-safe; use as a context manager).
 
     Args:
@@ -210,17 +210,6 @@ class DistillClient:
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
         self._channel.close()
-
-    def __enter__(self) -> DistillClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _call(self, method: Any, request: Message | bytes, timeout: float | None) -> Any:
         """Make one call; every gRPC error becomes its DistillError here."""

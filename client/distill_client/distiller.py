@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
+from distill_client._closing import Closing
 from distill_client.client import DistillClient, LayerSpec
 from distill_client.losses import DistilLoss
 
@@ -14,7 +14,7 @@ __all__ = ["RemoteFeatureDistiller"]
 _WEIGHT_SUM_FLOOR = 1e-12
 
 
-class RemoteFeatureDistiller:
+class RemoteFeatureDistiller(Closing):
     """Feature distillation with the losses computed by a DistillService.
 
     ``L = sum_l w_l * loss_l(teacher_l, student_l)``, one ``(weight, loss)``
@@ -91,17 +91,6 @@ class RemoteFeatureDistiller:
         """Close the client if this distiller created it."""
         if self._owns_client:
             self.client.close()
-
-    def __enter__(self) -> RemoteFeatureDistiller:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"RemoteFeatureDistiller({self.layers!r}, target={self.client.target!r})"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import queue
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import grpc
 
 from distill.v1 import distill_pb2 as pb
 from distill_client import wire
+from distill_client._closing import Closing
 from distill_client.errors import Unavailable, from_rich_status, from_rpc_error
 from distill_client.losses import LayerLoss
 
@@ -29,7 +29,7 @@ class StepResult:
     layers: list[LayerLoss]
 
 
-class StreamSession:
+class StreamSession(Closing):
     """Send the layer configuration once, then one message per training step.
 
     Made by :meth:`DistillClient.stream`. :meth:`step` sends a step and
@@ -91,14 +91,3 @@ class StreamSession:
             cancel = getattr(self._responses, "cancel", None)
             if cancel is not None:
                 cancel()
-
-    def __enter__(self) -> StreamSession:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
