@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import threading
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from distill_server import server as server_module
 from tests.conftest import ServerProcess
 
 
@@ -48,3 +52,34 @@ def test_probe_exit_codes(server: ServerProcess) -> None:
         timeout=30,
     )
     assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
+
+
+def test_not_serving_until_warm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real server in-process, its warm-up held back until the test lets it go."""
+    gate = threading.Event()
+    warm_up = server_module._warm_up
+    monkeypatch.setattr(server_module, "_warm_up", lambda backend: (gate.wait(30), warm_up(backend)))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def create() -> server_module.DistillServer:
+        return server_module.DistillServer(server_module.ServerConfig(port=0, device="cpu"))
+
+    server = asyncio.run_coroutine_threadsafe(create(), loop).result(30)
+    started = asyncio.run_coroutine_threadsafe(server.start(), loop)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service="distill.v1.DistillService")
+            status = stub.Check(request, timeout=10, wait_for_ready=True).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            gate.set()
+            started.result(30)
+            assert stub.Check(request, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        gate.set()
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -6,6 +6,7 @@ Separate from the CLI so tests can run the real server in-process on port 0.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -84,9 +85,9 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 class DistillServer:
     """A DistillService bound to its port, with health, reflection and metrics.
 
-    Health reports NOT_SERVING until :meth:`start` (the device is chosen and
-    warmed up in the constructor), SERVING after, NOT_SERVING from
-    :meth:`stop` on.
+    The device is chosen in the constructor. Health reports NOT_SERVING from
+    :meth:`start` until every loss has been computed once on the device
+    (CUDA kernels compiled), SERVING after, NOT_SERVING from :meth:`stop` on.
 
     Raises:
         BackendError: the configured device cannot be used.
@@ -99,7 +100,6 @@ class DistillServer:
         self.config = config
         credentials = _credentials(config)
         self.backend = backends.select(config.device)
-        _warm_up(self.backend)
         self.metrics = Metrics(self.backend.device, self.backend.description)
         self.executor = ThreadPoolExecutor(config.workers, thread_name_prefix="distill")
         interceptors = []
@@ -133,14 +133,18 @@ class DistillServer:
         return format_address(self.config.host, self.port)
 
     async def start(self) -> None:
-        """Start serving (and the metrics endpoint); health reports SERVING."""
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        """Start serving (and the metrics endpoint); health reports
+        NOT_SERVING while the device warms up, SERVING after."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+        await asyncio.get_running_loop().run_in_executor(self.executor, _warm_up, self.backend)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(service, status)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health goes NOT_SERVING, new calls are refused, calls in
