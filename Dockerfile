@@ -16,7 +16,11 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[gpu]"
 FROM ${CUDA_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    CUPY_CACHE_DIR=/tmp/cupy \
+    DISTILL_HOST=0.0.0.0 \
+    DISTILL_DEVICE=auto \
+    DISTILL_METRICS_PORT=9090
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
     && rm -rf /var/lib/apt/lists/* \
@@ -29,4 +33,5 @@ USER 10001
 EXPOSE 50051 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["distill-probe", "--target", "127.0.0.1:50051"]
-ENTRYPOINT ["distill-server", "--host", "0.0.0.0", "--device", "auto", "--metrics-port", "9090"]
+# Settings come from DISTILL_* variables (above, or docker run -e ...) or flags.
+ENTRYPOINT ["distill-server"]

@@ -30,7 +30,7 @@ def test_help_lists_every_flag() -> None:
 
 
 def test_ready_line_names_address_and_device(server: ServerProcess) -> None:
-    assert f"ready on 127.0.0.1:{server.port} (device cpu" in server.text()
+    assert f"ready on 127.0.0.1:{server.port} (pid {server.process.pid}, device cpu" in server.text()
 
 
 def test_busy_port_fails_loudly(server: ServerProcess) -> None:
@@ -84,15 +84,17 @@ def test_signal_drains_calls_in_flight_and_exits_zero(start_server: type[ServerP
             failures.append(exc)
 
     threads = [threading.Thread(target=call) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    proc.wait_for_lines("call started", 4)
-    signalled = time.monotonic()
-    proc.signal(sig)
-    for thread in threads:
-        thread.join(120)
-    assert proc.wait(60) == 0
-    client.close()
+    try:
+        for thread in threads:
+            thread.start()
+        proc.wait_for_lines("call started", 4)
+        signalled = time.monotonic()
+        proc.signal(sig)
+        for thread in threads:
+            thread.join(120)
+        assert proc.wait(60) == 0
+    finally:
+        client.close()
     assert not failures, failures
     assert len(results) == 4
     assert all(value == pytest.approx(expected, rel=1e-10) for value, _ in results)

@@ -32,6 +32,8 @@ def test_deployment_requests_a_gpu_and_probes_grpc_health() -> None:
         assert container[probe]["grpc"]["port"] == 50051
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == {"grpc": 50051, "metrics": 9090}
+    mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
+    assert container["securityContext"]["readOnlyRootFilesystem"] and "/tmp" in mounts  # CuPy's cache
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > float(container["args"][container["args"].index("--grace") + 1])
 
@@ -64,4 +66,6 @@ def test_dockerfile_is_multi_stage_non_root_and_health_checked() -> None:
     assert "COPY --from=build" in text
     assert "USER 10001" in text and "EXPOSE 50051" in text
     assert "HEALTHCHECK" in text and "distill-probe" in text
-    assert '"--host", "0.0.0.0", "--device", "auto"' in text
+    assert "DISTILL_HOST=0.0.0.0" in text and "DISTILL_DEVICE=auto" in text
+    assert 'ENTRYPOINT ["distill-server"]' in text  # flags would override DISTILL_* set at run time
+    assert "CUPY_CACHE_DIR=/tmp/cupy" in text

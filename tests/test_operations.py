@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,6 +71,14 @@ def test_environment_configures_and_flags_win(tmp_path: object) -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "$DISTILL_WORKERS='many'" in bad.stderr
+    lower = subprocess.run(
+        [sys.executable, "-m", "distill_server"],
+        capture_output=True,
+        text=True,
+        env={**env, "DISTILL_LOG_LEVEL": "debug"},
+        timeout=60,
+    )
+    assert lower.returncode == 2 and "$DISTILL_LOG_LEVEL='debug': expected one of DEBUG" in lower.stderr
 
 
 def test_env_and_flag_precedence_on_a_running_server(
@@ -154,3 +163,13 @@ def test_several_processes_share_one_port(start_server: type[ServerProcess]) -> 
     proc.signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     assert proc.text().count("stopped") == 2
+
+
+def test_a_process_that_dies_stops_the_others(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu", "--processes", "2"])
+    proc.wait_for_lines("ready on", 2)
+    pids = [int(pid) for pid in re.findall(r"ready on \S+ \(pid (\d+)", proc.text())]
+    assert len(pids) == 2 and proc.process.pid not in pids
+    os.kill(pids[0], signal.SIGKILL)
+    assert proc.wait(30) == 128 + signal.SIGKILL
+    assert "exited with status -9; stopping the others" in proc.text()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +37,8 @@ def test_tls(start_server: type[ServerProcess], pki: dict[str, Pair]) -> None:
     proc = start_server(["--device", "cpu", "--tls-cert", str(pki["server"].cert), "--tls-key", str(pki["server"].key)])
     with DistillClient(proc.target, tls_ca=pki["ca"].cert, timeout=10) as client:
         assert client.compute_total_loss(LAYERS, [T], [T + 1]).total == 1.0
+    probe = [sys.executable, "-m", "distill_server.probe", "--target", proc.target, "--tls-ca", str(pki["ca"].cert)]
+    assert subprocess.run(probe, capture_output=True, text=True, timeout=30).returncode == 0
     # Plaintext cannot talk to a TLS server; an untrusted CA cannot either.
     with DistillClient(proc.target, timeout=5, retries=0) as plain, pytest.raises(Unavailable):
         plain.server_info()

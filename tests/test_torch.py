@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from distill_client import DistillClient, DistilLoss, Reduction, TeacherStudentMismatch
+from distill_client import Cancelled, DistillClient, DistilLoss, Reduction, TeacherStudentMismatch
 from tests.conftest import CUDA, ServerProcess
 from tests.test_gradients import torch_loss
 
@@ -117,3 +117,19 @@ def test_the_example_trains_a_student(server: ServerProcess) -> None:
     # Measured: the loss falls about 20x and the feature gap about 30x in 150 steps.
     assert numbers["last_loss"] < 0.2 * numbers["first_loss"]
     assert numbers["feature_gap_after"] < 0.2 * numbers["feature_gap_before"]
+
+
+def test_a_stream_that_fails_is_reopened(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu"])
+    teachers, students = features(torch.float32)
+    with DistillClient(proc.target, timeout=10) as client:
+        remote = bridge.RemoteDistillLoss(LAYERS, client=client, stream=True)
+        first = remote(teachers, students)
+        assert remote._session is not None
+        remote._session._responses.cancel()  # the stream breaks (as when its server goes away)
+        with pytest.raises(Cancelled):
+            remote(teachers, students)
+        assert remote._session.closed
+        again = remote(teachers, students)  # a new stream
+        assert again.item() == first.item()
+        remote.close()

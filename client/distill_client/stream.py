@@ -83,6 +83,11 @@ class StreamSession(Closing):
             response.step_id, response.total_loss, [LayerLoss.from_proto(r) for r in response.layer_losses]
         )
 
+    @property
+    def closed(self) -> bool:
+        """Whether the stream is over (closed here, or ended by an error)."""
+        return self._closed
+
     def close(self) -> None:
         """End the stream (idempotent)."""
         if not self._closed:

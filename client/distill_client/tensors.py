@@ -115,4 +115,7 @@ def decode(tensor: TensorLike, field: str = "tensor") -> npt.NDArray[Any]:
             f"{pb.Dtype.Name(tensor.dtype)} needs {expected}",
             field=f"{field}.data",
         )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as exc:  # e.g. more dimensions than NumPy allows
+        raise InvalidArgument(f"{field}.shape {list(shape)} cannot be used: {exc}", field=f"{field}.shape") from exc

@@ -60,7 +60,7 @@ class _RemoteLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        students = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.gradients]
+        students = [None if g is None else g * grad_output.to(device=g.device, dtype=g.dtype) for g in ctx.gradients]
         return (None, None, *([None] * ctx.n_layers), *students)
 
 
@@ -88,7 +88,9 @@ class RemoteDistillLoss(torch.nn.Module):
         client: A :class:`DistillClient` to use; else one is created from
             ``target`` and ``client_options`` (and closed by :meth:`close`).
         stream: Send the steps over one ``StreamLosses`` stream (the layers
-            travel once) instead of one ``ComputeTotalLoss`` call per step.
+            travel once, gradients are always computed) instead of one
+            ``ComputeTotalLoss`` call per step. A stream that ends with an
+            error is reopened at the next step.
         names: Optional layer names, echoed in errors.
     """
 
@@ -118,7 +120,7 @@ class RemoteDistillLoss(torch.nn.Module):
                 self.layers, teachers, students, names=self.names, gradients=gradients
             )
         else:
-            if self._session is None:
+            if self._session is None or self._session.closed:  # first step, or the stream ended
                 self._session = self.client.stream(self.layers, gradients=True, names=self.names)
             step = self._session.step(teachers, students)
             result = TotalLoss(step.total, step.layers)

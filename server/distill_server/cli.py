@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -53,6 +54,9 @@ class _Parser(argparse.ArgumentParser):
                 default = type(raw)
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 self.error(f"${env}={raw!r}: {exc}")
+            choices = kwargs.get("choices")
+            if choices is not None and default not in choices:
+                self.error(f"${env}={raw!r}: expected one of {', '.join(choices)}")
         shown = "off" if default is None else default
         self.add_argument(flag, type=type, default=default, help=f"{help} [env {env}; default {shown}]", **kwargs)
 
@@ -158,9 +162,10 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stopping.set)
     metrics = f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""
     log.info(
-        "distill-server %s ready on %s (device %s, %d workers, max message %d MiB%s%s%s)",
+        "distill-server %s ready on %s (pid %d, device %s, %d workers, max message %d MiB%s%s%s)",
         __version__,
         server.address,
+        os.getpid(),
         server.backend.description,
         config.workers,
         config.limits.max_message_bytes // _MIB,
@@ -218,20 +223,36 @@ def _serve_processes(config: ServerConfig, count: int, level: str, form: str) ->
         )
         for i in range(count)
     ]
-    for child in children:
-        child.start()
+    stopping = False
 
     def forward(sig: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             if child.pid is not None and child.is_alive():
                 os.kill(child.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    log.info("distill-server %s: %d processes on %s", __version__, count, format_address(config.host, port))
     for child in children:
-        child.join()
-    return max((child.exitcode or 0) for child in children)
+        child.start()
+    log.info("distill-server %s: %d processes on %s", __version__, count, format_address(config.host, port))
+    running = list(children)
+    while running:
+        multiprocessing.connection.wait([child.sentinel for child in running])
+        for child in [c for c in running if not c.is_alive()]:
+            running.remove(child)
+            if not stopping:  # a process died on its own: stop the rest, report it
+                log.error("%s exited with status %s; stopping the others", child.name, child.exitcode)
+                forward(signal.SIGTERM, None)
+    return max(_exit_status(child.exitcode) for child in children)
+
+
+def _exit_status(code: int | None) -> int:
+    """A process's exit status as a shell reports it (128 + N when killed by signal N)."""
+    if code is None:
+        return 1
+    return 128 - code if code < 0 else code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -103,8 +103,9 @@ class DistillServicer:
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetServerInfoResponse:
-        self.metrics.requests.labels("GetServerInfo", "OK").inc()
-        return self.info
+        async with self._call("GetServerInfo", b"", context):
+            return self.info
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # ------------------------------------------------------------ the work
 
