@@ -137,10 +137,12 @@ def test_round_robin_over_replicas_survives_a_dead_one(start_server: type[Server
     targets = [r.target for r in replicas]
     t = np.ones(64, np.float32)
     with DistillClient(targets, timeout=30) as client:
-        for _ in range(30):
+        for _ in range(60):
             assert client.compute_total_loss(MSE, [t], [t + 1]).total == 1.0
         counts = [scrape(r).get('distill_requests_total{code="OK",rpc="ComputeTotalLoss"}', 0) for r in replicas]
-        assert sum(counts) == 30 and all(c >= 5 for c in counts), counts  # spread over all three
+        # Spread over all three (20 each once every connection is up; the first
+        # calls may go to whichever server answered first).
+        assert sum(counts) == 60 and all(c >= 10 for c in counts), counts
         replicas[0].process.kill()  # no drain: connections drop
         replicas[0].process.wait()
         for _ in range(30):  # gRPC retries UNAVAILABLE on the survivors
