@@ -54,31 +54,34 @@ def test_concurrent_call_limit(start_server: type[ServerProcess]) -> None:
         assert client.compute_total_loss(MSE, [np.ones(3)], [np.zeros(3)]).total == 1.0
 
 
-def test_environment_configures_and_flags_win(tmp_path: object) -> None:
-    env = {**os.environ, "DISTILL_MAX_LAYERS": "7", "DISTILL_DEVICE": "cpu", "DISTILL_PORT": "0"}
-    help_text = subprocess.run(
-        [sys.executable, "-m", "distill_server", "--help"], capture_output=True, text=True, env=env, timeout=60
-    ).stdout
-    help_text = " ".join(help_text.split())
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``distill-server`` with extra environment variables."""
+    return subprocess.run(
+        [sys.executable, "-m", "distill_server", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DISTILL_DEVICE": "cpu", "DISTILL_PORT": "0", **env},
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "complaint"),
+    [
+        ("DISTILL_WORKERS", "many", "$DISTILL_WORKERS='many': invalid literal"),
+        ("DISTILL_LOG_LEVEL", "debug", "$DISTILL_LOG_LEVEL='debug': expected one of DEBUG"),
+    ],
+)
+def test_bad_environment_values_are_refused(variable: str, value: str, complaint: str) -> None:
+    result = run_cli(**{variable: value})
+    assert result.returncode == 2 and complaint in result.stderr
+
+
+def test_help_names_every_variable_and_its_value() -> None:
+    help_text = " ".join(run_cli("--help", DISTILL_MAX_LAYERS="7").stdout.split())
     assert "[env DISTILL_MAX_LAYERS; default 7]" in help_text
     for flag in ("--metrics-port", "--tls-cert", "--tls-client-ca", "--auth-token-file", "--max-concurrent-calls"):
         assert flag in help_text
-    bad = subprocess.run(
-        [sys.executable, "-m", "distill_server"],
-        capture_output=True,
-        text=True,
-        env={**env, "DISTILL_WORKERS": "many"},
-        timeout=60,
-    )
-    assert bad.returncode == 2 and "$DISTILL_WORKERS='many'" in bad.stderr
-    lower = subprocess.run(
-        [sys.executable, "-m", "distill_server"],
-        capture_output=True,
-        text=True,
-        env={**env, "DISTILL_LOG_LEVEL": "debug"},
-        timeout=60,
-    )
-    assert lower.returncode == 2 and "$DISTILL_LOG_LEVEL='debug': expected one of DEBUG" in lower.stderr
 
 
 def test_env_and_flag_precedence_on_a_running_server(
