@@ -17,6 +17,7 @@ from distill_client import (
     InvalidArgument,
     NonFiniteInput,
     Reduction,
+    RemoteFeatureDistiller,
     Unavailable,
     wire,
 )
@@ -136,3 +137,12 @@ def test_config_in_a_later_message_fails_that_step_only(server: ServerProcess) -
     assert [r.step_id for r in responses] == [1, 2]
     assert responses[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert not responses[1].HasField("error") and responses[1].total_loss == 1.0
+
+
+def test_the_distiller_opens_a_session_with_its_layers(client: DistillClient) -> None:
+    distiller = RemoteFeatureDistiller([(w, loss) for w, loss in LAYERS], client=client)
+    teachers, students = step_data(3)
+    with distiller.stream(gradients=True) as session:
+        result = session.step(teachers, students)
+    assert result.total == pytest.approx(distiller.compute_total_loss(teachers, students), rel=1e-15)
+    assert all(layer.gradient is not None for layer in result.layers)

@@ -8,6 +8,7 @@ from typing import Any
 from distill_client._closing import Closing
 from distill_client.client import DistillClient, LayerSpec
 from distill_client.losses import DistilLoss
+from distill_client.stream import StreamSession
 
 __all__ = ["RemoteFeatureDistiller"]
 
@@ -86,6 +87,11 @@ class RemoteFeatureDistiller(Closing):
             EmptyInput, TeacherStudentMismatch, ...: the first failing layer's.
         """
         return self.client.compute_total_loss(self.layers, teacher_feats, student_feats).total
+
+    def stream(self, *, gradients: bool = False) -> StreamSession:
+        """A ``StreamLosses`` session with these layers, for a training loop:
+        ``session.step(teacher_feats, student_feats)`` per step."""
+        return self.client.stream(self.layers, gradients=gradients)
 
     def close(self) -> None:
         """Close the client if this distiller created it."""
