@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Backend", "BackendError", "array_module", "block_size", "select"]
+__all__ = ["CPU_BLOCK", "Backend", "BackendError", "array_module", "block_size", "select"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ def array_module(array: Any) -> ModuleType:
 
 
 def block_size(array: Any) -> int:
-    """How many elements of ``array`` the engine processes at a time (>= 1)."""
+    """How many elements of ``array`` the engine processes at a time (>= 1):
+    a cache-sized block on the CPU, everything at once on a GPU."""
     size = max(int(array.size), 1)
     return min(size, CPU_BLOCK) if array_module(array) is np else size
 

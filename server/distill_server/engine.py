@@ -274,19 +274,25 @@ def _row_cosine(xp: Any, t: Any, s: Any, g: Any, scale: float) -> float:
     return value
 
 
-def _log_softmax(xp: Any, x: Any) -> Any:
-    shifted = x - x.max(axis=1, keepdims=True)
-    return shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
-
-
 def _row_kl(xp: Any, t: Any, s: Any, tau: float, g: Any, scale: float) -> float:
-    """Sum over rows of ``KL(softmax(t/tau) || softmax(s/tau))``; adds ``scale (q - p)`` to ``g``."""
-    log_p, log_q = _log_softmax(xp, t / tau), _log_softmax(xp, s / tau)
-    p = xp.exp(log_p)
-    value = float((p * (log_p - log_q)).sum())
+    """Sum over rows of ``KL(softmax(t/tau) || softmax(s/tau))``; adds ``scale (q - p)`` to ``g``.
+
+    Per row, as in the flat case, ``KL = sum p (a - b) - lse(a) + lse(b)``.
+    Overwrites ``t`` and ``s`` (float64 copies of the block).
+    """
+    a, b = xp.divide(t, tau, out=t), xp.divide(s, tau, out=s)
+    ma, mb = a.max(axis=1, keepdims=True), b.max(axis=1, keepdims=True)
+    ea, eb = xp.exp(a - ma), xp.exp(b - mb)
+    za, zb = ea.sum(axis=1, keepdims=True), eb.sum(axis=1, keepdims=True)
+    diff = xp.subtract(a, b, out=a)
+    rows = (ea * diff).sum(axis=1, keepdims=True) / za - (ma + xp.log(za)) + (mb + xp.log(zb))
     if g is not None:
-        g += scale * (xp.exp(log_q) - p)
-    return value
+        eb /= zb
+        ea /= za
+        eb -= ea
+        eb *= scale
+        g += eb
+    return float(rows.sum())
 
 
 # ---------------------------------------------------------------- one layer
