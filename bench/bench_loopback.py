@@ -28,7 +28,7 @@ import numpy as np
 
 from distill.v1 import distill_pb2 as pb
 from distill.v1 import distill_pb2_grpc as pb_grpc
-from distill_client import DistillClient, DistilLoss
+from distill_client import DistillClient, DistilLoss, Reduction
 from distill_server import engine
 
 LIMIT = 512 * 1024 * 1024
@@ -171,6 +171,16 @@ def compute(repeats: int) -> list[str]:
         log_q = b - b.max() - np.log(np.exp(b - b.max()).sum())
         return float(4.0 * (np.exp(log_p) * (log_p - log_q)).sum())
 
+    per_row = DistilLoss.kl_divergence(2.0, reduction=Reduction.PER_ROW)
+
+    def numpy_row_kl(t2: np.ndarray, s2: np.ndarray) -> float:
+        a, b = t2 / 2.0, s2 / 2.0
+        log_p = a - a.max(1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+        log_q = b - b.max(1, keepdims=True)
+        log_q -= np.log(np.exp(log_q).sum(1, keepdims=True))
+        return float(4.0 * (np.exp(log_p) * (log_p - log_q)).sum(1).mean())
+
     cases = [
         ("MSE", lambda: engine.loss_value(DistilLoss.mse(), t, s), lambda: float(np.mean((t - s) ** 2))),
         (
@@ -179,6 +189,11 @@ def compute(repeats: int) -> list[str]:
             lambda: float(1 - np.dot(t, s) / (np.linalg.norm(t) * np.linalg.norm(s))),
         ),
         ("KL (tau 2)", lambda: engine.loss_value(DistilLoss.kl_divergence(2.0), t, s), numpy_kl),
+        (
+            "KL (tau 2) per row, 512 x 32768",
+            lambda: engine.loss_value(per_row, t.reshape(512, -1), s.reshape(512, -1)),
+            lambda: numpy_row_kl(t.reshape(512, -1), s.reshape(512, -1)),
+        ),
     ]
     gb = 2 * t.nbytes / 1e9
     rows = [
