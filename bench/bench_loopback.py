@@ -75,12 +75,23 @@ def fmt(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
-def measure(client: DistillClient, stub: pb_grpc.DistillServiceStub, name: str, repeats: int) -> str:
-    """One table row: ``ComputeTotalLoss`` of one MSE layer, ours against bare."""
+def features(name: str) -> tuple[int, np.ndarray, np.ndarray]:
+    """Element count and a teacher/student pair of float32 for a payload size."""
     n = SIZES[name] // 4
     rng = np.random.default_rng(0)
-    t = rng.normal(size=n).astype(np.float32)
-    s = rng.normal(size=n).astype(np.float32)
+    return n, rng.normal(size=n).astype(np.float32), rng.normal(size=n).astype(np.float32)
+
+
+def row(label: str, ours: Callable[[], object], bare: Callable[[], object], n: int, repeats: int) -> str:
+    """A table row: both medians and their ratio (fewer repeats for big payloads)."""
+    reps = repeats if n < (1 << 22) else max(5, repeats // 10)
+    a, b = median_seconds(ours, reps), median_seconds(bare, reps)
+    return f"| {label} | {fmt(a)} | {fmt(b)} | {a / b:.2f}x |"
+
+
+def measure(client: DistillClient, stub: pb_grpc.DistillServiceStub, name: str, repeats: int) -> str:
+    """One table row: ``ComputeTotalLoss`` of one MSE layer, ours against bare."""
+    n, t, s = features(name)
     layers = [(1.0, DistilLoss.mse())]
 
     def ours() -> float:
@@ -95,17 +106,12 @@ def measure(client: DistillClient, stub: pb_grpc.DistillServiceStub, name: str, 
         return float(stub.ComputeTotalLoss(request).total_loss)
 
     assert abs(ours() - bare_call()) <= 1e-3 * abs(ours())  # the bare dot sums in float32
-    reps = repeats if n < (1 << 22) else max(5, repeats // 10)
-    a, b = median_seconds(ours, reps), median_seconds(bare_call, reps)
-    return f"| 2 x {name}B | {fmt(a)} | {fmt(b)} | {a / b:.2f}x |"
+    return row(f"2 x {name}B", ours, bare_call, n, repeats)
 
 
 def measure_gradients(client: DistillClient, stub: pb_grpc.DistillServiceStub, name: str, repeats: int) -> str:
     """One table row: ``ComputeLayerLoss`` with the MSE gradient coming back."""
-    n = SIZES[name] // 4
-    rng = np.random.default_rng(0)
-    t = rng.normal(size=n).astype(np.float32)
-    s = rng.normal(size=n).astype(np.float32)
+    n, t, s = features(name)
     layers = [(1.0, DistilLoss.mse())]
 
     def ours() -> np.ndarray:
@@ -123,9 +129,7 @@ def measure_gradients(client: DistillClient, stub: pb_grpc.DistillServiceStub, n
         return np.frombuffer(data, dtype=np.float32)
 
     np.testing.assert_allclose(ours(), bare_call(), rtol=1e-5, atol=1e-12)
-    reps = repeats if n < (1 << 22) else max(5, repeats // 10)
-    a, b = median_seconds(ours, reps), median_seconds(bare_call, reps)
-    return f"| 2 x {name}B in, {name}B gradient out | {fmt(a)} | {fmt(b)} | {a / b:.2f}x |"
+    return row(f"2 x {name}B in, {name}B gradient out", ours, bare_call, n, repeats)
 
 
 def transport(sizes: list[str], repeats: int) -> list[str]:
