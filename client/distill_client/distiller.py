@@ -65,8 +65,18 @@ class RemoteFeatureDistiller(Closing):
         """Divide every weight by ``max(sum(|w|), 1e-12)`` (locally, in place).
 
         With negative weights the signed sum need not be 1, as in the reference.
+        Where ``sum(|w|)`` overflows (weights near the float64 maximum), the
+        weights are first divided by the largest ``|w|``, so ``[1e308, -1e308]``
+        becomes ``[0.5, -0.5]`` rather than zeros.
         """
-        total = max(sum(abs(weight) for weight, _ in self.layers), _WEIGHT_SUM_FLOOR)
+        magnitudes = [abs(weight) for weight, _ in self.layers]
+        total = sum(magnitudes)
+        if total == float("inf") and max(magnitudes) != float("inf"):
+            # Finite weights whose sum overflows: sum(|w| / max |w|) lies in [1, n].
+            top = max(magnitudes)
+            self.layers = [(weight / top, loss) for weight, loss in self.layers]
+            total = sum(abs(weight) for weight, _ in self.layers)
+        total = max(total, _WEIGHT_SUM_FLOOR)
         self.layers = [(weight / total, loss) for weight, loss in self.layers]
 
     def compute_layer_loss(self, layer_index: int, teacher: Any, student: Any) -> float:

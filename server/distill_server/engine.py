@@ -1,15 +1,27 @@
 """The loss math and its gradients, written once for NumPy and CuPy.
 
-Inputs are cast block by block into float64 (in cache on the CPU, one block
-on a GPU) and every sum a loss needs is taken from the same block, so a loss
-is one pass over memory; its gradient, which needs the finished sums, is a
-second pass that writes straight into the student's dtype.
+A layer's tensors are viewed as ``R`` rows of width ``d``: one row of all
+``n`` elements for ``FLATTEN`` (the reference's behaviour), the last axis for
+``PER_ROW`` cosine and KL (averaged over rows). Rows are processed in blocks
+of at most :func:`~distill_server.backend.block_size` elements: whole rows
+when they fit, else column chunks of one row. Each block is cast into
+float64 scratch buffers (in cache on the CPU; one block on a GPU) and every
+sum a loss needs is taken from it, per row:
 
-- ``FLATTEN`` (the reference's behaviour): the tensors are flat vectors; KL
-  keeps an online log-sum-exp, so it needs no separate pass for the maxima
-  and stays finite where the reference clamps ``ln q`` at ``ln 1e-12``.
-- ``PER_ROW``: cosine and KL per row of the last axis, averaged over rows;
-  blocks hold whole rows, so the gradient comes out of the same pass.
+- MSE: ``sum((s - t)^2)`` (over all elements, in both reductions);
+- cosine: the dot products ``tt, ss, ts``;
+- KL: an online log-sum-exp of ``t / tau`` and ``s / tau`` (running maxima
+  rescale the sums of earlier chunks), so no separate pass for the maxima,
+  and it stays finite where the reference clamps ``ln q`` at ``ln 1e-12``.
+
+A gradient needs a row's finished sums (norms, log-partition functions), so
+it is a second pass over that group of rows, written block by block straight
+into the student's dtype. The memory of a call is therefore a few blocks of
+float64 scratch plus the gradient itself, whatever the row width.
+
+Every block loop goes through :func:`_blocks`, which runs the check that
+:func:`interruptible` installs, so a server can stop abandoned work between
+blocks.
 
 The distiller functions at the end reproduce the reference
 ``FeatureDistiller``: its checks, their order and its error kinds.
@@ -17,8 +29,10 @@ The distiller functions at the end reproduce the reference
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +55,7 @@ __all__ = [
     "Layer",
     "LayerResult",
     "evaluate",
+    "interruptible",
     "layer_loss",
     "loss_value",
     "total_loss",
@@ -51,6 +66,48 @@ MIN_TEMPERATURE = 1e-6
 
 _NORM_FLOOR = 1e-12
 """Floor of the cosine denominator ``|t| |s|``, as in the reference."""
+
+_SMALL_GAP = 1e-2
+"""KL rows whose logit gaps ``|s - t| / tau`` are all at most this get their
+gradient ``q - p`` in a form accurate relative to the gap (see
+:meth:`_Pass._kl_gradient`); wider gaps do not cancel enough to need it."""
+
+
+# ---------------------------------------------------------------- interruption
+
+_CHECK: ContextVar[Callable[[], None] | None] = ContextVar("distill_server.engine.check", default=None)
+
+
+@contextlib.contextmanager
+def interruptible(check: Callable[[], None]) -> Iterator[None]:
+    """Call ``check()`` before every block the engine computes in this context.
+
+    So a server can stop abandoned work (a cancelled call, a passed deadline)
+    between blocks: whatever ``check`` raises propagates out of the engine
+    call unchanged. The check is held in a :class:`contextvars.ContextVar`:
+    it applies to the calling thread (and to work started from it with a
+    copy of its context, e.g. ``asyncio.to_thread``; ``run_in_executor``
+    does not copy it, so install the check inside the worker function). An
+    inner ``interruptible`` replaces an outer one until it exits. Without
+    one, the engine runs no check.
+    """
+    token = _CHECK.set(check)
+    try:
+        yield
+    finally:
+        _CHECK.reset(token)
+
+
+def _blocks(n: int, size: int) -> Iterator[slice]:
+    """``range(n)`` in slices of ``size``; the installed check runs before each."""
+    check = _CHECK.get()
+    for start in range(0, n, size):
+        if check is not None:
+            check()
+        yield slice(start, min(start + size, n))
+
+
+# ---------------------------------------------------------------- the sums
 
 
 @dataclass(frozen=True)
@@ -74,225 +131,338 @@ class _Terms:
         return cls(loss.mse_weight, 0.0, loss.kl_weight, tau)
 
 
-def _blocks(n: int, size: int) -> list[slice]:
-    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+class _GradientOverflow(ArithmeticError):
+    """A finite loss whose gradient does not fit the student's dtype."""
+
+    def __init__(self, peak: float, dtype: Any) -> None:
+        super().__init__(peak, dtype)
+        self.peak, self.dtype = peak, np.dtype(dtype)
+
+    def describe(self) -> str:
+        """``reaches ... in magnitude, beyond float16 (largest 65504)``."""
+        infinity = np.asarray(np.inf, dtype=self.dtype)
+        largest = float(np.nextafter(infinity, np.zeros_like(infinity)))  # also for ml_dtypes' bfloat16
+        if math.isfinite(self.peak) and self.dtype.itemsize < 8:
+            return (
+                f"reaches {self.peak:.6g} in magnitude, beyond {self.dtype.name} "
+                f"(whose largest finite value is {largest:.6g})"
+            )
+        return f"is not finite in float64 (largest magnitude {self.peak}); student dtype {self.dtype.name}"
 
 
-# ---------------------------------------------------------------- FLATTEN
+def _overflows(peak: float, dtype: Any) -> bool:
+    """Whether a float64 of magnitude ``peak`` rounds to infinity in ``dtype``.
+
+    Rounding is monotonic, so this says whether any element written into a
+    ``dtype`` array from values of at most ``peak`` became infinite.
+    """
+    if math.isnan(peak):
+        return True
+    with np.errstate(all="ignore"):
+        return not math.isfinite(float(np.asarray(peak, dtype=np.float64).astype(dtype)))
 
 
-class _Flat:
-    """Running sums over blocks of two flat vectors, for one loss's terms.
+def _peak(*magnitudes: float) -> float:
+    """The largest of ``magnitudes``, NaN if any is NaN (Python's ``max`` would drop it)."""
+    return math.nan if any(math.isnan(m) for m in magnitudes) else max(magnitudes)
 
-    ``sq = sum((t - s)^2)``; ``tt, ss, ts`` the dot products; for KL, with
-    ``a = t/tau``, ``b = s/tau``: running maxima ``ma``, ``mb`` and, relative to
-    them, ``za = sum exp(a - ma)``, ``zb = sum exp(b - mb)``,
-    ``w = sum exp(a - ma) (a - b)``.
+
+def _row_dot(xp: Any, x: Any, y: Any, scratch: Any) -> Any:
+    """Per-row dot products of two ``(r, m)`` float64 blocks (BLAS for one row)."""
+    if x.shape[0] == 1:
+        return xp.reshape(xp.dot(x[0], y[0]), (1,))
+    return xp.multiply(x, y, out=scratch).sum(axis=1)
+
+
+class _Sums:
+    """Running sums, per row of a group, over the column chunks of its rows.
+
+    ``sq = sum((s - t)^2)`` (a scalar: MSE is over all elements); for cosine
+    the dot products ``tt, ss, ts``; for KL, with ``a = t/tau``, ``b = s/tau``:
+    the maxima ``ma, mb`` and, relative to them, ``za = sum exp(a - ma)``,
+    ``zb = sum exp(b - mb)``, ``w = sum exp(a - ma) (a - b)``; with a
+    gradient also ``gap = max |d|``, ``d = (s - t)/tau``, and, while some row's
+    ``gap <= _SMALL_GAP``, ``v = sum exp(a - ma) expm1(d)`` (else None).
+    Arrays of one value per row.
     """
 
-    def __init__(self, terms: _Terms) -> None:
-        self.terms = terms
-        self.sq = self.tt = self.ss = self.ts = 0.0
-        self.ma = self.mb = -math.inf
-        self.za = self.zb = self.w = 0.0
+    def __init__(self) -> None:
+        self.sq = 0.0
+        self.cos: list[Any] = []
+        self.kl: dict[str, Any] = {}
 
-    def add(self, xp: Any, t: Any, s: Any, work: Any) -> None:
-        if self.terms.mse:
-            d = xp.subtract(t, s, out=work[0])
-            self.sq += float(xp.dot(d, d))
-        if self.terms.cosine:
-            self.tt += float(xp.dot(t, t))
-            self.ss += float(xp.dot(s, s))
-            self.ts += float(xp.dot(t, s))
-        if self.terms.kl:
-            self._add_kl(xp, t, s, work)
+    def add_cosine(self, tt: Any, ss: Any, ts: Any) -> None:
+        """Add one chunk's dot products."""
+        self.cos = [tt, ss, ts] if not self.cos else [x + y for x, y in zip(self.cos, (tt, ss, ts), strict=True)]
 
-    def _add_kl(self, xp: Any, t: Any, s: Any, work: Any) -> None:
-        a = xp.divide(t, self.terms.tau, out=work[0])
-        b = xp.divide(s, self.terms.tau, out=work[1])
-        tmp = work[2]
-        ma, mb = float(a.max()), float(b.max())
-        zb = float(xp.exp(xp.subtract(b, mb, out=tmp), out=tmp).sum())
-        diff = xp.subtract(a, b, out=b)
-        ea = xp.exp(xp.subtract(a, ma, out=tmp), out=tmp)
-        za, w = float(ea.sum()), float(xp.dot(ea, diff))
-        if ma > self.ma:
-            rescale = math.exp(self.ma - ma)
-            self.za, self.w, self.ma = self.za * rescale + za, self.w * rescale + w, ma
-        else:
-            rescale = math.exp(ma - self.ma)
-            self.za, self.w = self.za + za * rescale, self.w + w * rescale
-        if mb > self.mb:
-            self.zb, self.mb = self.zb * math.exp(self.mb - mb) + zb, mb
-        else:
-            self.zb += zb * math.exp(mb - self.mb)
+    def add_kl(self, xp: Any, part: dict[str, Any]) -> None:
+        """Merge one chunk's KL sums, rescaling both to the larger maxima."""
+        if not self.kl:
+            self.kl = part
+            return
+        old = self.kl
+        top, bottom = xp.maximum(old["ma"], part["ma"]), xp.maximum(old["mb"], part["mb"])
+        was, now = xp.exp(old["ma"] - top), xp.exp(part["ma"] - top)  # one of them is exp(0) = 1
+        merged = {"ma": top, "za": old["za"] * was + part["za"] * now, "w": old["w"] * was + part["w"] * now}
+        merged["mb"] = bottom
+        merged["zb"] = old["zb"] * xp.exp(old["mb"] - bottom) + part["zb"] * xp.exp(part["mb"] - bottom)
+        if "gap" in old:
+            merged["gap"] = xp.maximum(old["gap"], part["gap"])
+            both = old["v"] is not None and part["v"] is not None
+            merged["v"] = old["v"] * was + part["v"] * now if both else None
+        self.kl = merged
 
-    def cosine_parts(self) -> tuple[float, float, float]:
-        """``(value, alpha, beta)``: ``1 - c`` and its gradient ``alpha t + beta s``."""
-        product = self.tt * self.ss
-        floored = math.sqrt(product) < _NORM_FLOOR
-        denominator = _NORM_FLOOR if floored else math.sqrt(product)
-        c = self.ts / denominator
-        if not -1.0 <= c <= 1.0:  # clamped: flat in s
-            return 1.0 - min(max(c, -1.0), 1.0), 0.0, 0.0
-        return 1.0 - c, -1.0 / denominator, 0.0 if floored else c / self.ss
+    def small_gaps(self, xp: Any, gap: Any) -> bool:
+        """Whether, after a chunk with these gaps, some row still has all its gaps small."""
+        if self.kl:
+            gap = xp.maximum(self.kl["gap"], gap)
+            if self.kl["v"] is None:
+                return False
+        return bool((gap <= _SMALL_GAP).any())
 
-    def kl(self) -> float:
-        """``KL(softmax(a) || softmax(b))`` from the running sums."""
-        return self.w / self.za - (self.ma + math.log(self.za)) + (self.mb + math.log(self.zb))
+    def cosine_parts(self, xp: Any, kt: Any, ks: Any, scale: float) -> tuple[float, Any, Any]:
+        """``(sum of 1 - c, alpha, beta)``: each row's gradient is ``alpha t + beta s``.
 
+        ``t, s`` are the rows as loaded: divided by ``kt, ks`` (per-row
+        scales, or None) where the squared norms overflow. Where the
+        denominator is floored or ``c`` clamped, the gradient is 0 (see
+        docs/gradients.md).
+        """
+        tt, ss, ts = self.cos
+        norm = xp.sqrt(tt * ss)
+        product = norm if kt is None else norm * kt * ks
+        floored = product < _NORM_FLOOR
+        safe = xp.where(floored, 1.0, norm)
+        c = xp.where(floored, ts / _NORM_FLOOR if kt is None else ts * (kt * ks) / _NORM_FLOOR, ts / safe)
+        value = float((1 - xp.clip(c, -1, 1)).sum())
+        free = (c >= -1) & (c <= 1) & ~floored
+        unit = 1.0 if ks is None else ks  # d/ds of f(s / k) is f'(s / k) / k
+        alpha = xp.where(free, -scale / (safe * unit), 0.0)
+        beta = xp.where(free, scale * c / (xp.where(free, ss, 1.0) * unit), 0.0)
+        return value, alpha, beta
 
-def _flat(loss: DistilLoss, teacher: Any, student: Any, scale: float | None) -> tuple[float, Any]:
-    xp = array_module(teacher)
-    terms = _Terms.of(loss)
-    t, s = teacher.reshape(-1), student.reshape(-1)
-    n = int(t.size)
-    size = block_size(t)
-    tb, sb, *work = (xp.empty(size, dtype=xp.float64) for _ in range(5))
-    sums = _Flat(terms)
-    with np.errstate(all="ignore"):
-        for block in _blocks(n, size):
-            m = block.stop - block.start
-            xp.copyto(tb[:m], t[block])
-            xp.copyto(sb[:m], s[block])
-            sums.add(xp, tb[:m], sb[:m], [w[:m] for w in work])
-        if terms.cosine and not (math.isfinite(sums.tt * sums.ss) and math.isfinite(sums.ts)):
-            return _rescaled_cosine(loss, teacher, student, scale)
-        value = terms.mse * sums.sq / n + terms.kl * terms.tau**2 * (sums.kl() if terms.kl else 0.0)
-        alpha = beta = 0.0
-        if terms.cosine:
-            cosine, alpha, beta = sums.cosine_parts()
-            value += cosine
-        if scale is None or not math.isfinite(value):
-            return value, None
-        # d/ds: mse 2(s - t)/n; cosine alpha t + beta s; KL tau (q - p).
-        alpha = scale * (alpha - 2 * terms.mse / n)
-        beta = scale * (beta + 2 * terms.mse / n)
-        gamma = scale * terms.kl * terms.tau
-        out = xp.empty(student.shape, dtype=student.dtype)
-        flat_out = out.reshape(-1)
-        for block in _blocks(n, size):
-            m = block.stop - block.start
-            g = _combine(xp, t[block], s[block], tb[:m], sb[:m], work[0][:m], alpha, beta)
-            if gamma:
-                p = _softmax_part(xp, tb[:m], terms.tau, sums.ma, sums.za, work[1][:m])
-                q = _softmax_part(xp, sb[:m], terms.tau, sums.mb, sums.zb, work[2][:m])
-                q -= p
-                q *= gamma
-                g += q
-            xp.copyto(flat_out[block], g, casting="unsafe")
-        return value, out
+    def kl_parts(self, xp: Any) -> tuple[float, Any, Any]:
+        """``(sum over rows of KL, lse(b) - lse(a), small)`` per row; the last two with a gradient.
+
+        ``KL = sum p (a - b) - lse(a) + lse(b)``. Where a row's gaps are
+        small (``small``), ``lse(b) - lse(a) = log1p(sum p expm1(d))``: accurate
+        relative to ``d``, where the difference of the log-sum-exps would keep
+        only an absolute accuracy of a few ulps of the log-sum-exps.
+        """
+        kl = self.kl
+        lse_a, lse_b = kl["ma"] + xp.log(kl["za"]), kl["mb"] + xp.log(kl["zb"])
+        value = float((kl["w"] / kl["za"] - lse_a + lse_b).sum())
+        if "gap" not in kl:
+            return value, None, None
+        if kl["v"] is None:
+            return value, lse_b - lse_a, None
+        small = kl["gap"] <= _SMALL_GAP
+        return value, xp.where(small, xp.log1p(kl["v"] / kl["za"]), lse_b - lse_a), small
 
 
-def _combine(xp: Any, t: Any, s: Any, tb: Any, sb: Any, out: Any, alpha: float, beta: float) -> Any:
-    """``alpha t + beta s`` in float64; leaves ``tb``, ``sb`` holding ``t``, ``s``."""
-    xp.copyto(tb, t)
-    xp.copyto(sb, s)
-    xp.multiply(tb, alpha, out=out)
-    out += beta * sb
-    return out
+# ---------------------------------------------------------------- the passes
 
 
-def _softmax_part(xp: Any, x: Any, tau: float, top: float, total: float, out: Any) -> Any:
-    """``exp(x / tau - top) / total``: this block's slice of a softmax."""
-    xp.divide(x, tau, out=out)
-    out -= top
-    xp.exp(out, out=out)
-    out /= total
-    return out
+@dataclass
+class _Factors:
+    """A group's gradient: ``mse (s - t) + alpha t + beta s + gamma (q - p)`` per row.
+
+    ``kt, ks``: per-row scales the rows are divided by as they are loaded
+    (huge float64 cosine rows), or None. For KL: ``ma, mb``,
+    ``p_unit = gamma / za``, ``q_unit = gamma / zb`` (so ``p_unit exp(a - ma)``
+    is ``gamma p``), ``delta = lse(b) - lse(a)`` and ``small``, the rows
+    whose gaps are all small (or None).
+    """
+
+    mse: float = 0.0
+    alpha: Any = None
+    beta: Any = None
+    kt: Any = None
+    ks: Any = None
+    ma: Any = None
+    mb: Any = None
+    p_unit: Any = None
+    q_unit: Any = None
+    delta: Any = None
+    small: Any = None
 
 
-def _rescaled_cosine(loss: DistilLoss, teacher: Any, student: Any, scale: float | None) -> tuple[float, Any]:
-    """Cosine of float64 inputs whose squared norms overflow: it is scale-free."""
-    xp = array_module(teacher)
-    t_max, s_max = float(xp.abs(teacher).max()), float(xp.abs(student).max())
-    if not (math.isfinite(t_max) and math.isfinite(s_max)):
-        return math.nan, None
-    s_max = s_max or 1.0
-    value, gradient = _flat(loss, teacher / (t_max or 1.0), student / s_max, scale)
-    return value, None if gradient is None else gradient / s_max  # d/ds of f(s / k) is f'(s / k) / k
+class _Pass:
+    """The passes over one layer's ``(R, d)`` views, in blocks of ``group`` rows by ``chunk`` columns.
 
+    Float64 scratch buffers of one block each (three for MSE, four for
+    cosine, five for KL) are all the memory a pass takes. When a group of
+    rows is one block, KL's gradient pass reuses the exponentials the first
+    pass left in the buffers.
+    """
 
-# ---------------------------------------------------------------- PER_ROW
+    def __init__(self, xp: Any, terms: _Terms, t: Any, s: Any, gradient: bool) -> None:
+        self.xp, self.terms, self.t, self.s, self.gradient = xp, terms, t, s, gradient
+        self.rows, self.width = int(t.shape[0]), int(t.shape[1])
+        size = block_size(t)
+        self.group, self.chunk = max(1, size // self.width), min(self.width, size)
+        count = 5 if terms.kl else 4 if terms.cosine else 3
+        self.scratch = [xp.empty(self.group * self.chunk, dtype=xp.float64) for _ in range(count)]
+        self._kept: slice | None = None  # the group whose KL exponentials are in the scratch
 
+    def _chunks(self, block: slice) -> Iterator[tuple[slice, list[Any]]]:
+        """The column chunks of the rows ``block``, each with ``(rows, columns)`` views of
+        the five scratch buffers (None for those this loss does not use)."""
+        rows = block.stop - block.start
+        for cols in _blocks(self.width, self.chunk):
+            size, shape = rows * (cols.stop - cols.start), (rows, cols.stop - cols.start)
+            views = [buffer[:size].reshape(shape) for buffer in self.scratch]
+            yield cols, views + [None] * (5 - len(views))
 
-def _rows(loss: DistilLoss, teacher: Any, student: Any, scale: float | None) -> tuple[float, Any]:
-    xp = array_module(teacher)
-    terms = _Terms.of(loss)
-    width = int(teacher.shape[-1]) if teacher.ndim else 1
-    t, s = teacher.reshape(-1, width), student.reshape(-1, width)
-    rows, n = int(t.shape[0]), int(t.size)
-    out = None if scale is None else xp.empty(student.shape, dtype=student.dtype)
-    flat_out = None if out is None else out.reshape(-1, width)
-    k = scale or 0.0  # used only with a gradient
-    sq = cosine = kl = 0.0
-    with np.errstate(all="ignore"):
-        for block in _blocks(rows, max(1, block_size(t) // width)):
-            tb, sb = t[block].astype(xp.float64), s[block].astype(xp.float64)
-            g = None if scale is None else xp.zeros_like(tb)
-            if terms.mse:
-                d = tb - sb
-                sq += float(xp.vdot(d, d))
-                if g is not None:
-                    g -= (2 * terms.mse * k / n) * d
+    def _load(self, out: Any, x: Any, scale: Any) -> Any:
+        self.xp.copyto(out, x)
+        if scale is not None:
+            out /= scale[:, None]
+        return out
+
+    def row_max(self, x: Any, block: slice) -> Any:
+        """``max |x|`` of each row of ``x[block]``."""
+        top = None
+        for cols, (work, *_) in self._chunks(block):
+            part = self.xp.abs(self._load(work, x[block, cols], None), out=work).max(axis=1)
+            top = part if top is None else self.xp.maximum(top, part)
+        return top
+
+    def _exponentials(self, tb: Any, sb: Any, ea: Any, eb: Any, ma: Any, mb: Any) -> None:
+        """``ea = exp(t/tau - ma)``, ``eb = exp(s/tau - mb)`` (``t, s`` in ``tb, sb``)."""
+        xp, tau = self.xp, self.terms.tau
+        xp.exp(xp.subtract(xp.divide(tb, tau, out=ea), ma[:, None], out=ea), out=ea)
+        xp.exp(xp.subtract(xp.divide(sb, tau, out=eb), mb[:, None], out=eb), out=eb)
+
+    def sums(self, block: slice, kt: Any = None, ks: Any = None) -> _Sums:
+        """Pass 1: the sums of the rows ``block`` (divided by ``kt, ks`` if given)."""
+        xp, terms, tau = self.xp, self.terms, self.terms.tau
+        sums = _Sums()
+        chunks = 0
+        for cols, (tb, sb, diff, ea, eb) in self._chunks(block):
+            chunks += 1
+            self._load(tb, self.t[block, cols], kt)
+            self._load(sb, self.s[block, cols], ks)
+            if terms.mse or (terms.kl and self.gradient):
+                xp.subtract(sb, tb, out=diff)
+                if terms.mse:
+                    sums.sq += float(xp.vdot(diff, diff))
             if terms.cosine:
-                cosine += _row_cosine(xp, tb, sb, g, k / rows)
+                sums.add_cosine(_row_dot(xp, tb, tb, ea), _row_dot(xp, sb, sb, ea), _row_dot(xp, tb, sb, ea))
             if terms.kl:
-                kl += _row_kl(xp, tb, sb, terms.tau, g, k * terms.kl * terms.tau / rows)
-            if flat_out is not None:
-                xp.copyto(flat_out[block], g, casting="unsafe")
-    value = terms.mse * sq / n + terms.cosine * cosine / rows + terms.kl * terms.tau**2 * kl / rows
-    return value, out if math.isfinite(value) else None
+                a, b = xp.divide(tb, tau, out=tb), xp.divide(sb, tau, out=sb)
+                ma, mb = a.max(axis=1), b.max(axis=1)
+                xp.exp(xp.subtract(a, ma[:, None], out=ea), out=ea)
+                xp.exp(xp.subtract(b, mb[:, None], out=eb), out=eb)
+                w = _row_dot(xp, ea, xp.subtract(a, b, out=tb), tb)
+                part = {"ma": ma, "za": ea.sum(axis=1), "w": w, "mb": mb, "zb": eb.sum(axis=1)}
+                if self.gradient:
+                    d = xp.multiply(diff, 1 / tau, out=sb)
+                    part["gap"] = xp.maximum(d.max(axis=1), -d.min(axis=1))
+                    small = sums.small_gaps(xp, part["gap"])
+                    part["v"] = _row_dot(xp, ea, xp.expm1(d, out=sb), sb) if small else None
+                sums.add_kl(xp, part)
+        self._kept = block if terms.kl and chunks == 1 else None
+        return sums
+
+    def gradient_pass(self, block: slice, factors: _Factors, out: Any) -> float:
+        """Pass 2: write the rows ``block`` of the gradient into ``out``; returns its largest magnitude."""
+        xp, terms = self.xp, self.terms
+        kept, self._kept = self._kept == block, None
+        peak = 0.0
+        for cols, (tb, sb, diff, ea, eb) in self._chunks(block):
+            if not kept:
+                self._load(tb, self.t[block, cols], factors.kt)
+                self._load(sb, self.s[block, cols], factors.ks)
+                if terms.mse or terms.kl:
+                    xp.subtract(sb, tb, out=diff)
+                if terms.kl:
+                    self._exponentials(tb, sb, ea, eb, factors.ma, factors.mb)
+            if terms.cosine:
+                g = xp.multiply(tb, factors.alpha[:, None], out=diff)
+                g += xp.multiply(sb, factors.beta[:, None], out=ea)
+            elif terms.mse:
+                # 2 (s - t) / n from the difference itself: exact where s and t nearly agree.
+                g = xp.multiply(diff, factors.mse, out=tb)
+            elif not terms.kl:  # no term at all (combined, both weights 0): the loss is flat
+                g = tb
+                g.fill(0)
+            if terms.kl:
+                kl = self._kl_gradient(diff, ea, eb, factors)
+                g = xp.add(g, kl, out=g) if terms.mse else kl
+            xp.copyto(out[:, cols], g, casting="unsafe")
+            peak = _peak(peak, float(g.max()), -float(g.min()))
+        return peak
+
+    def _kl_gradient(self, diff: Any, ea: Any, eb: Any, factors: _Factors) -> Any:
+        """``gamma (q - p)`` into ``ea``, from ``diff = s - t`` and the exponentials ``ea``, ``eb``.
+
+        Where a row's gaps are small, ``q`` and ``p`` nearly agree and
+        ``q - p`` would cancel: it is ``p expm1(e)`` with
+        ``e = log q - log p = (s - t)/tau - delta``, accurate relative to the
+        gap. Elsewhere ``q - p`` loses at most a few ulps of ``max(p, q)``.
+        """
+        xp = self.xp
+        gamma_p = xp.multiply(ea, factors.p_unit[:, None], out=ea)
+        everywhere = factors.small is not None and bool(factors.small.all())
+        if not everywhere:
+            direct = xp.multiply(eb, factors.q_unit[:, None], out=eb)
+            direct -= gamma_p
+            if factors.small is None:
+                return direct
+        e = xp.multiply(diff, 1 / self.terms.tau, out=diff)
+        e -= factors.delta[:, None]
+        accurate = xp.multiply(gamma_p, xp.expm1(e, out=e), out=gamma_p)
+        if not everywhere:
+            xp.copyto(accurate, direct, where=~factors.small[:, None])
+        return accurate
 
 
-def _row_cosine(xp: Any, t: Any, s: Any, g: Any, scale: float) -> float:
-    """Sum over rows of ``1 - c``; adds ``scale`` times each row's gradient to ``g``."""
-    tt, ss, ts = (t * t).sum(axis=1), (s * s).sum(axis=1), (t * s).sum(axis=1)
-    if not (bool(xp.isfinite(tt * ss).all()) and bool(xp.isfinite(ts).all())):
-        # Huge float64 rows: cosine is scale-free, so scale each row to max 1.
-        ks = xp.abs(s).max(axis=1, keepdims=True)
-        kt = xp.abs(t).max(axis=1, keepdims=True)
-        if not (bool(xp.isfinite(ks).all()) and bool(xp.isfinite(kt).all())):
-            return math.nan  # non-finite inputs: reported by the caller
-        ks[ks == 0] = 1
-        kt[kt == 0] = 1
-        part = None if g is None else xp.zeros_like(g)
-        value = _row_cosine(xp, t / kt, s / ks, part, scale)
-        if g is not None:
-            g += part / ks
-        return value
-    product = xp.sqrt(tt * ss)
-    floored = product < _NORM_FLOOR
-    denominator = xp.where(floored, _NORM_FLOOR, product)
-    c = ts / denominator
-    free = (c >= -1) & (c <= 1)
-    value = float((1 - xp.clip(c, -1, 1)).sum())
-    if g is not None:
-        alpha = xp.where(free, -1 / denominator, 0)
-        beta = xp.where(free & ~floored, c / xp.where(ss > 0, ss, 1), 0)
-        g += scale * (alpha[:, None] * t + beta[:, None] * s)
-    return value
-
-
-def _row_kl(xp: Any, t: Any, s: Any, tau: float, g: Any, scale: float) -> float:
-    """Sum over rows of ``KL(softmax(t/tau) || softmax(s/tau))``; adds ``scale (q - p)`` to ``g``.
-
-    Per row, as in the flat case, ``KL = sum p (a - b) - lse(a) + lse(b)``.
-    Overwrites ``t`` and ``s`` (float64 copies of the block).
-    """
-    a, b = xp.divide(t, tau, out=t), xp.divide(s, tau, out=s)
-    ma, mb = a.max(axis=1, keepdims=True), b.max(axis=1, keepdims=True)
-    ea, eb = xp.exp(a - ma), xp.exp(b - mb)
-    za, zb = ea.sum(axis=1, keepdims=True), eb.sum(axis=1, keepdims=True)
-    diff = xp.subtract(a, b, out=a)
-    rows = (ea * diff).sum(axis=1, keepdims=True) / za - (ma + xp.log(za)) + (mb + xp.log(zb))
-    if g is not None:
-        eb /= zb
-        ea /= za
-        eb -= ea
-        eb *= scale
-        g += eb
-    return float(rows.sum())
+def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None) -> tuple[float, Any]:
+    """:func:`evaluate`, raising :class:`_GradientOverflow` for a gradient beyond the student's dtype."""
+    xp = array_module(teacher)
+    terms = _Terms.of(loss)
+    n = int(teacher.size)
+    per_row = loss.reduction is Reduction.PER_ROW and loss.kind is not LossKind.MSE
+    width = (int(teacher.shape[-1]) if teacher.ndim else 1) if per_row else n
+    rows = n // width
+    t, s = teacher.reshape(rows, width), student.reshape(rows, width)
+    passes = _Pass(xp, terms, t, s, scale is not None)
+    out = None if scale is None else xp.empty(student.shape, dtype=student.dtype)
+    k = scale or 0.0  # used only with a gradient
+    gamma = k * terms.kl * terms.tau / rows  # d KL / ds = tau (q - p), per row
+    sq = cosine = kl = peak = 0.0
+    with np.errstate(all="ignore"):
+        for start in range(0, rows, passes.group):
+            block = slice(start, min(start + passes.group, rows))
+            factors = _Factors(mse=2 * terms.mse * k / n)
+            sums = passes.sums(block)
+            sq += sums.sq
+            if terms.cosine:
+                tt, ss, ts = sums.cos
+                if not (bool(xp.isfinite(tt * ss).all()) and bool(xp.isfinite(ts).all())):
+                    # Huge float64 rows: cosine is scale-free, so scale each row to max 1.
+                    kt, ks = passes.row_max(t, block), passes.row_max(s, block)
+                    if not (bool(xp.isfinite(kt).all()) and bool(xp.isfinite(ks).all())):
+                        return math.nan, None  # non-finite inputs: reported by the caller
+                    factors.kt, factors.ks = xp.where(kt == 0, 1.0, kt), xp.where(ks == 0, 1.0, ks)
+                    sums = passes.sums(block, factors.kt, factors.ks)
+                part, factors.alpha, factors.beta = sums.cosine_parts(xp, factors.kt, factors.ks, k / rows)
+                cosine += part
+            if terms.kl:
+                part, factors.delta, factors.small = sums.kl_parts(xp)
+                factors.ma, factors.mb = sums.kl["ma"], sums.kl["mb"]
+                factors.p_unit, factors.q_unit = gamma / sums.kl["za"], gamma / sums.kl["zb"]
+                kl += part
+            if out is not None and all(map(math.isfinite, (sq, cosine, kl))):
+                peak = _peak(peak, passes.gradient_pass(block, factors, out.reshape(rows, width)[block]))
+    kl_part = terms.kl * (terms.tau * terms.tau) * kl / rows if terms.kl else 0.0
+    value = terms.mse * sq / n + terms.cosine * cosine / rows + kl_part
+    if out is None or not math.isfinite(value):
+        return value, None
+    if _overflows(peak, out.dtype):
+        raise _GradientOverflow(peak, out.dtype)
+    return value, out
 
 
 # ---------------------------------------------------------------- one layer
@@ -306,9 +476,15 @@ def evaluate(loss: DistilLoss, teacher: Any, student: Any, gradient_scale: float
     ``PER_ROW``). The value may be non-finite when the inputs are, and then
     no gradient is returned; :func:`layer_loss` and :func:`total_loss` turn
     that into an error.
+
+    Raises:
+        LossOverflow: the value is finite but the gradient does not fit the
+            student's dtype (an element would round to infinity).
     """
-    per_row = loss.reduction is Reduction.PER_ROW and loss.kind is not LossKind.MSE
-    return (_rows if per_row else _flat)(loss, teacher, student, gradient_scale)
+    try:
+        return _evaluate(loss, teacher, student, gradient_scale)
+    except _GradientOverflow as exc:
+        raise LossOverflow(f"the gradient of the {loss!r} loss {exc.describe()}", field="student") from None
 
 
 def loss_value(loss: DistilLoss, teacher: Any, student: Any) -> float:
@@ -366,7 +542,15 @@ def _first_non_finite(array: Any) -> int | None:
 def _compute(
     index: int, layer: Layer, teacher: Any, student: Any, fields: tuple[str, str], gradient: bool
 ) -> LayerResult:
-    value, grad = evaluate(layer.loss, teacher, student, layer.weight if gradient else None)
+    try:
+        value, grad = _evaluate(layer.loss, teacher, student, layer.weight if gradient else None)
+    except _GradientOverflow as exc:
+        raise LossOverflow(
+            f"layer {index}: the gradient for {fields[1]} of the {layer.loss!r} loss times weight {layer.weight} "
+            f"{exc.describe()}",
+            layer=index,
+            field=fields[1],
+        ) from None
     weighted = layer.weight * value
     if not math.isfinite(weighted):
         for field, array in zip(fields, (teacher, student), strict=True):
@@ -379,9 +563,13 @@ def _compute(
                     field=f"{field}.data",
                     index=at,
                 )
+        terms = _Terms.of(layer.loss)
+        why = ""
+        if terms.kl and not math.isfinite(terms.tau * terms.tau):
+            why = f" (temperature {terms.tau:g} squared overflows float64)"
         raise LossOverflow(
             f"layer {index}: the {layer.loss!r} loss of finite inputs times weight {layer.weight} "
-            f"is {weighted}, beyond float64",
+            f"is {weighted}, beyond float64{why}",
             layer=index,
         )
     return LayerResult(LayerLoss(index, layer.name, value, weighted), grad)
