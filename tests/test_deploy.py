@@ -34,8 +34,26 @@ def test_deployment_requests_a_gpu_and_probes_grpc_health() -> None:
     assert ports == {"grpc": 50051, "metrics": 9090}
     mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
     assert container["securityContext"]["readOnlyRootFilesystem"] and "/tmp" in mounts  # CuPy's cache
-    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace > float(container["args"][container["args"].index("--grace") + 1])
+
+
+def flag(container: dict[str, Any], name: str) -> float:
+    """A server flag's value in a container: its args, else its ``DISTILL_*`` env."""
+    args = container.get("args", [])
+    if name in args:
+        return float(args[args.index(name) + 1])
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    return float(env["DISTILL_" + name.lstrip("-").upper().replace("-", "_")])
+
+
+def test_deployment_drains_before_it_stops() -> None:
+    """The kubelet waits for the drain delay, then the grace, then the exit,
+    before it kills the pod."""
+    pod = load(ROOT / "deploy" / "k8s" / "deployment.yaml")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    drain, grace = flag(container, "--drain-delay"), flag(container, "--grace")
+    assert drain >= 1  # clients and endpoints have time to leave the replica
+    assert pod["terminationGracePeriodSeconds"] >= drain + grace + 5
+    assert "preStop" not in container.get("lifecycle", {})  # --drain-delay is the preStop sleep
 
 
 def test_service_is_headless_for_client_side_balancing() -> None:
@@ -58,6 +76,10 @@ def test_compose_file() -> None:
     assert "50051:50051" in service["ports"]
     assert service["healthcheck"]["test"][1] == "distill-probe"
     assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    environment = service["environment"]
+    drain, grace = float(environment["DISTILL_DRAIN_DELAY"]), float(environment["DISTILL_GRACE"])
+    stop_grace = service["stop_grace_period"]
+    assert stop_grace.endswith("s") and float(stop_grace[:-1]) >= drain + grace + 5
 
 
 def test_dockerfile_is_multi_stage_non_root_and_health_checked() -> None:

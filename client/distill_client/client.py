@@ -91,9 +91,34 @@ def _layers(layers: Sequence[LayerSpec], names: Sequence[str] | None) -> list[pb
 
 
 def service_config(retries: int) -> dict[str, Any]:
-    """The channel's gRPC service config: round_robin over every address the
-    target resolves to, and UNAVAILABLE retried with exponential backoff."""
-    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    """The channel's gRPC service config.
+
+    - ``round_robin`` over every address the target resolves to;
+    - client-side health checking (``healthCheckConfig``): the channel
+      watches ``grpc.health.v1.Health/Watch`` for ``distill.v1.DistillService``
+      on each connection and round_robin sends new calls only to replicas
+      that report SERVING, so a replica leaves the rotation the moment it
+      starts draining (NOT_SERVING), before it stops accepting. A server
+      without the health service (UNIMPLEMENTED) counts as healthy. When no
+      replica is SERVING, calls fail at once with UNAVAILABLE (then retried);
+    - with ``retries`` > 0, calls that fail with UNAVAILABLE or CANCELLED
+      are retried up to ``retries`` times with
+      exponential backoff (0.1 s doubling, at most 2 s; gRPC allows at most
+      5 attempts in all, so ``retries`` above 4 counts as 4). A stream is
+      retried only until the server has answered on it.
+
+    The retried codes are UNAVAILABLE (the replica could not be reached or
+    went away: killed, connection dropped, none SERVING) and CANCELLED (a
+    draining replica's gRPC core cancels the calls that reach it as it stops
+    accepting, and those still running when its ``--grace`` runs out).
+    Retrying is safe for every method: a loss is a pure function of its
+    request, so computing it twice costs time, never correctness. A call the
+    client cancels itself, or whose deadline passes, is never retried.
+    """
+    config: dict[str, Any] = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": SERVICE_NAME},
+    }
     if retries > 0:
         config["methodConfig"] = [
             {
@@ -103,7 +128,7 @@ def service_config(retries: int) -> dict[str, Any]:
                     "initialBackoff": "0.1s",
                     "maxBackoff": "2s",
                     "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                 },
             }
         ]
@@ -145,8 +170,13 @@ class DistillClient(Closing):
         max_message_bytes: Send and receive limit of the channel; raise it
             (and the server's ``--max-message-mb``) for larger feature maps.
         timeout: Default deadline of each call in seconds (None: none).
-        retries: How often a call that failed with UNAVAILABLE is retried,
-            with exponential backoff, by gRPC itself (0: never).
+        retries: How often a call that failed with UNAVAILABLE or CANCELLED
+            is retried, with exponential backoff, by gRPC itself (0: never;
+            at most 4). Retrying is always safe: a loss is a pure function
+            of its request. UNAVAILABLE is a replica that went away;
+            CANCELLED is a call a draining replica cancelled as it stopped
+            (see :func:`service_config`). Calls the client cancels, and
+            deadlines, are never retried.
         token: Bearer token sent with every call; default ``$DISTILL_AUTH_TOKEN``.
         tls_ca: PEM file of the CA that signed the server's certificate; set it
             (or ``tls_cert``) to use TLS. Without it TLS uses the system roots.
@@ -155,6 +185,13 @@ class DistillClient(Closing):
         tls: Use TLS even without any of the files above (system roots).
         credentials: Ready-made channel credentials (instead of the TLS files).
         options: Extra gRPC channel options.
+
+    Calls are balanced round-robin over the target's addresses, and only
+    over replicas whose ``grpc.health.v1`` status for
+    ``distill.v1.DistillService`` is SERVING (client-side health checking,
+    see :func:`service_config`): a replica that starts draining gets no new
+    calls, so a rolling restart of servers started with ``--drain-delay``
+    costs no call.
 
     Every method raises a :class:`~distill_client.errors.DistillError`
     subclass on failure.
