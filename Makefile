@@ -1,12 +1,14 @@
 # DistillService: `make serve` starts the server on the CPU, `make test` runs
-# every test. Both create and reuse a virtual environment in .venv.
+# every test (with a short fuzz run; the soak test is skipped), `make fuzz`
+# fuzzes every RPC for longer and `make soak` runs the soak test. All create
+# and reuse a virtual environment in .venv.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test check protos bench clean
+.PHONY: serve test fuzz soak check protos bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +21,16 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+# DISTILL_FUZZ_EXAMPLES examples per RPC (about 35 minutes on two cores),
+# failures shrunk to a small input; DISTILL_FUZZ_RANDOM=1 draws new inputs.
+DISTILL_FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP)
+	DISTILL_FUZZ_EXAMPLES=$(DISTILL_FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py $(ARGS)
+
+# DISTILL_SOAK_SECONDS of mixed load after a warm-up (default 60).
+soak: $(STAMP)
+	DISTILL_SOAK=1 $(BIN)/python -m pytest tests/test_soak.py $(ARGS)
 
 check: $(STAMP)
 	$(BIN)/ruff check client/distill_client server tests bench scripts examples
