@@ -18,13 +18,18 @@ MODULES = [
     "distill_client.torch",
     "distill_client.wire",
     "distill_server",
+    "distill_server.admission",
+    "distill_server.auth",
     "distill_server.backend",
     "distill_server.cli",
+    "distill_server.decoding",
     "distill_server.engine",
+    "distill_server.metrics",
     "distill_server.probe",
     "distill_server.server",
     "distill_server.servicer",
     "distill_server.status",
+    "distill_server.supervisor",
     "distill_server.validation",
 ]
 

@@ -47,7 +47,7 @@ def test_protobuf_requests_split_into_views() -> None:
         layers=LAYERS, teachers=[tensors.encode(t) for t in ts], students=[tensors.encode(t) for t in ts[:3]]
     )
     payload = message.SerializeToString()
-    rest, views = wire.split(pb.ComputeTotalLossRequest, payload)
+    rest, views = wire.split(pb.ComputeTotalLossRequest, payload, 8)
     assert rest == pb.ComputeTotalLossRequest(layers=LAYERS)
     assert len(views["teachers"]) == len(ts) and len(views["students"]) == 3
     for view, array in zip(views["teachers"], ts, strict=True):
@@ -59,7 +59,7 @@ def test_protobuf_requests_split_into_views() -> None:
 def test_views_share_the_request_bytes() -> None:
     t = np.arange(1000, dtype=np.float32)
     payload = wire.build(pb.ComputeLayerLossRequest(layers=LAYERS), teacher=t, student=t)
-    _, views = wire.split(pb.ComputeLayerLossRequest, payload)
+    _, views = wire.split(pb.ComputeLayerLossRequest, payload, 8)
     decoded = tensors.decode(views["teacher"][0])
     base: Any = decoded
     while isinstance(base, np.ndarray):
@@ -100,7 +100,7 @@ def test_split_agrees_with_protobuf_on_any_valid_encoding(seed: int) -> None:
     chunks.append(field(98, 2, b"future"))
     payload = b"".join(chunks[i] for i in rng.permutation(len(chunks)))
     reference = pb.ComputeTotalLossRequest.FromString(payload)
-    rest, views = wire.split(pb.ComputeTotalLossRequest, payload)
+    rest, views = wire.split(pb.ComputeTotalLossRequest, payload, 8)
     assert list(rest.layers) == list(reference.layers)
     for name in ("teachers", "students"):
         expected = getattr(reference, name)
@@ -118,7 +118,7 @@ def test_a_repeated_singular_tensor_merges_as_protobuf_does() -> None:
     second = field(1, 0, _varint(pb.DTYPE_FLOAT32)) + field(2, 0, _varint(3)) + field(3, 2, b"\2" * 24)
     payload = field(3, 2, first) + field(2, 0, _varint(7)) + field(3, 2, second)
     reference = pb.ComputeLayerLossRequest.FromString(payload)
-    rest, views = wire.split(pb.ComputeLayerLossRequest, payload)
+    rest, views = wire.split(pb.ComputeLayerLossRequest, payload, 8)
     assert rest.layer_index == 7
     (view,) = views["teacher"]
     assert (view.dtype, tuple(view.shape), bytes(view.data)) == (
@@ -143,4 +143,4 @@ def test_a_repeated_singular_tensor_merges_as_protobuf_does() -> None:
 )
 def test_malformed_requests_are_invalid_arguments(payload: bytes) -> None:
     with pytest.raises(InvalidArgument, match="malformed request"):
-        wire.split(pb.ComputeTotalLossRequest, payload)
+        wire.split(pb.ComputeTotalLossRequest, payload, 8)

@@ -18,7 +18,10 @@ import numpy.typing as npt
 from distill.v1 import distill_pb2 as pb
 from distill_client.errors import InvalidArgument
 
-__all__ = ["DTYPES", "TensorLike", "decode", "encode", "to_array", "to_wire"]
+__all__ = ["DTYPES", "MAX_RANK", "TensorLike", "decode", "encode", "to_array", "to_wire"]
+
+MAX_RANK = 32
+"""Most dimensions a tensor may have (NumPy's own limit is 64)."""
 
 DTYPES: dict[pb.Dtype, np.dtype[Any]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
@@ -89,7 +92,7 @@ def decode(tensor: TensorLike, field: str = "tensor") -> npt.NDArray[Any]:
     ``tensor.data`` is read once (each read of a protobuf bytes field copies it).
 
     Raises:
-        InvalidArgument: unknown dtype, negative dimension, or a data length
+        InvalidArgument: unknown dtype, more than MAX_RANK dimensions, a negative dimension, or a data length
             other than product(shape) x itemsize; the error names ``field``.
     """
     dtype = DTYPES.get(cast(pb.Dtype, tensor.dtype))
@@ -101,6 +104,10 @@ def decode(tensor: TensorLike, field: str = "tensor") -> npt.NDArray[Any]:
             field=f"{field}.dtype",
         )
     shape = tuple(tensor.shape)
+    if len(shape) > MAX_RANK:
+        raise InvalidArgument(
+            f"{field}.shape has {len(shape)} dimensions; expected at most {MAX_RANK}", field=f"{field}.shape"
+        )
     for axis, size in enumerate(shape):
         if size < 0:
             raise InvalidArgument(

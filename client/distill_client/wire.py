@@ -30,8 +30,8 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from distill.v1 import distill_pb2 as pb
-from distill_client.errors import InvalidArgument
-from distill_client.tensors import to_wire
+from distill_client.errors import InvalidArgument, LimitExceeded
+from distill_client.tensors import MAX_RANK, to_wire
 
 __all__ = ["Framed", "TensorView", "build", "frame", "split"]
 
@@ -39,6 +39,11 @@ _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _DATA_FIELD = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
 
 _Message = TypeVar("_Message", bound=Message)
+
+_TENSOR_FIELDS = 2 * MAX_RANK + 8
+"""Most fields one Tensor occurrence may hold (an unpacked shape is one per dimension)."""
+_SCALAR_FIELDS = 64
+"""Most top-level fields of a request besides its layers and tensors."""
 
 Chunk = bytes | memoryview
 
@@ -117,10 +122,17 @@ def _read_varint(buffer: memoryview, pos: int) -> tuple[int, int]:
     raise _malformed("truncated or overlong varint")
 
 
-def _fields(buffer: memoryview, start: int, stop: int) -> Iterator[tuple[int, int, int, int, int]]:
-    """Yield ``(number, wire_type, field_start, value_start, value_stop)`` of each field."""
+def _fields(
+    buffer: memoryview, start: int, stop: int, most: int | None = None
+) -> Iterator[tuple[int, int, int, int, int]]:
+    """Yield ``(number, wire_type, field_start, value_start, value_stop)`` of
+    each field; more than ``most`` fields make the message malformed."""
     pos = start
+    count = 0
     while pos < stop:
+        count += 1
+        if most is not None and count > most:
+            raise _malformed(f"more than {most} fields where this service expects at most that many")
         tag, value_start = _read_varint(buffer, pos)
         number, wire_type = tag >> 3, tag & 7
         if wire_type == _VARINT:
@@ -145,7 +157,7 @@ def _tensor(buffer: memoryview, spans: list[tuple[int, int]]) -> TensorView:
     header: list[Chunk] = []
     data = buffer[0:0]
     for start, stop in spans:
-        for number, wire_type, field_start, value_start, value_stop in _fields(buffer, start, stop):
+        for number, wire_type, field_start, value_start, value_stop in _fields(buffer, start, stop, _TENSOR_FIELDS):
             if number == _DATA_FIELD and wire_type == _LEN:
                 data = buffer[value_start:value_stop]  # last one wins
             else:
@@ -157,14 +169,21 @@ def _tensor(buffer: memoryview, spans: list[tuple[int, int]]) -> TensorView:
     return TensorView(message.dtype, tuple(message.shape), data)
 
 
-def split(message_type: type[_Message], payload: bytes) -> tuple[_Message, dict[str, list[TensorView]]]:
+def split(
+    message_type: type[_Message], payload: bytes, max_tensors: int
+) -> tuple[_Message, dict[str, list[TensorView]]]:
     """Parse a serialized request, its Tensor fields as views on ``payload``.
 
     Returns the message without its Tensor fields and, for each Tensor field
-    name, its tensors in order (one or none for a singular field).
+    name, its tensors in order (one or none for a singular field). The
+    counts are checked while walking, before anything is built per tensor:
+    a request costs what its limits admit, whatever its bytes say.
 
     Raises:
-        InvalidArgument: the bytes are not a valid message of this type.
+        LimitExceeded: a Tensor field repeated more than ``max_tensors``
+            times (``--max-layers``).
+        InvalidArgument: the bytes are not a valid message of this type, or
+            hold more top-level fields than ``max_tensors`` layers can need.
     """
     buffer = memoryview(payload)
     by_number = {
@@ -172,11 +191,20 @@ def split(message_type: type[_Message], payload: bytes) -> tuple[_Message, dict[
     }
     rest: list[Chunk] = []
     spans: dict[str, list[list[tuple[int, int]]]] = {field.name: [] for field in by_number.values()}
-    for number, wire_type, field_start, value_start, value_stop in _fields(buffer, 0, len(buffer)):
+    most = 3 * max_tensors + _SCALAR_FIELDS  # layers, teachers and students, and the scalars
+    for number, wire_type, field_start, value_start, value_stop in _fields(buffer, 0, len(buffer), most):
         field = by_number.get(number)
         if field is None or wire_type != _LEN:
             rest.append(buffer[field_start:value_stop])
         elif field.is_repeated or not spans[field.name]:
+            if len(spans[field.name]) == max_tensors:
+                raise LimitExceeded(
+                    f"more than {max_tensors} tensors in {field.name}; this server takes at most {max_tensors} "
+                    "layers (--max-layers)",
+                    field=field.name,
+                    limit=max_tensors,
+                    got=max_tensors + 1,
+                )
             spans[field.name].append([(value_start, value_stop)])
         else:
             spans[field.name][0].append((value_start, value_stop))

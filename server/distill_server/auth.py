@@ -1,8 +1,13 @@
 """Bearer-token authentication: a server interceptor.
 
 A call without ``authorization: Bearer <token>`` (compared in constant time)
-is refused with UNAUTHENTICATED before its handler runs, so no work is done.
-The health service stays open for probes.
+is refused with UNAUTHENTICATED before its handler runs, and before its
+request message is read: the refusal is a handler with a streaming request
+side that never reads, so gRPC buffers no more of the request than HTTP/2
+flow control lets the client send ahead (the stream window, 64 KiB to a few
+MiB with BDP probing), and drops it with the stream. That is as little as
+gRPC allows: the headers must be read to see the token. The health service
+stays open for probes.
 """
 
 from __future__ import annotations
@@ -50,28 +55,17 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or details.method.startswith(OPEN_PREFIXES) or self._authorised(details):
             return handler
         self._on_reject(details.method)
-        return _refusing(handler, details.method)
+        return _refusing(details.method)
 
 
-def _refusing(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that aborts with UNAUTHENTICATED."""
-    error = Unauthenticated(f"{method} needs 'authorization: Bearer <token>' metadata with the server's token")
+def _refusing(method: str) -> grpc.RpcMethodHandler:
+    """A handler that aborts with UNAUTHENTICATED without reading the request
+    (any RPC shape: no message is read or sent)."""
+    status = to_status(
+        Unauthenticated(f"{method} needs 'authorization: Bearer <token>' metadata with the server's token")
+    )
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort_with_status(to_status(error))
+    async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort_with_status(status)
 
-    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort_with_status(to_status(error))
-        yield  # pragma: no cover - makes this an async generator
-
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, **kwargs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
-    return grpc.stream_stream_rpc_method_handler(refuse_stream, **kwargs)
+    return grpc.stream_unary_rpc_method_handler(refuse)

@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
 import signal
-import socket
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from distill_server import __version__
 from distill_server.backend import BackendError
-from distill_server.server import DistillServer, ServerConfig, format_address
+from distill_server.server import DistillServer, ServerConfig
+from distill_server.supervisor import supervise
 from distill_server.validation import Limits
 
 __all__ = ["JsonFormatter", "main", "parse_args", "serve"]
@@ -39,6 +37,20 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not a finite number > 0")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not a finite number >= 0")
     return value
 
 
@@ -73,7 +85,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
     parser.flag("--workers", defaults.workers, "threads computing large requests", type=_positive)
     parser.flag("--processes", 1, "server processes sharing the port (SO_REUSEPORT), for the CPU", type=_positive)
     parser.flag(
-        "--grace", defaults.grace_seconds, "seconds calls in flight get to finish on SIGTERM/SIGINT", type=float
+        "--grace",
+        defaults.grace_seconds,
+        "seconds calls in flight get to finish on SIGTERM/SIGINT, after the drain delay; then they are dropped",
+        type=_seconds,
+    )
+    parser.flag(
+        "--drain-delay",
+        defaults.drain_delay_seconds,
+        "seconds the server keeps serving, health NOT_SERVING, after SIGTERM/SIGINT (rolling restarts)",
+        type=_seconds,
     )
     parser.flag(
         "--max-message-mb",
@@ -84,7 +105,41 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
     parser.flag("--max-layers", limits.max_layers, "most layers in one request", type=_positive)
     parser.flag("--max-elements", limits.max_elements, "most tensor elements in one request", type=_positive)
     parser.flag(
-        "--max-concurrent-calls", limits.max_concurrent_calls, "most calls served at once per process", type=_positive
+        "--max-concurrent-calls",
+        limits.max_concurrent_calls,
+        "most unary calls served at once per process",
+        type=_positive,
+    )
+    parser.flag(
+        "--max-concurrent-streams",
+        limits.max_concurrent_streams,
+        "most StreamLosses streams open at once per process",
+        type=_positive,
+    )
+    parser.flag(
+        "--max-streams-per-connection",
+        limits.max_streams_per_connection,
+        "most calls open at once on one HTTP/2 connection (more wait at the client)",
+        type=_positive,
+    )
+    parser.flag(
+        "--max-inflight-mb",
+        None,
+        "MiB held for unary calls in flight (received, computed, answered); a read reserves "
+        "3 x --max-message-mb; off means max(2048, 12 x --max-message-mb)",
+        type=_positive,
+    )
+    parser.flag(
+        "--receive-timeout",
+        limits.receive_timeout,
+        "seconds to receive a request message, a stream's first message, or room in --max-inflight-mb",
+        type=_positive_float,
+    )
+    parser.flag(
+        "--stream-idle-timeout",
+        limits.stream_idle_timeout,
+        "seconds a stream may wait for its next step before the server ends it",
+        type=_positive_float,
     )
     parser.flag("--metrics-port", None, "serve Prometheus metrics on this port (0 picks one)", type=int)
     parser.flag("--tls-cert", None, "PEM certificate chain: serve TLS", type=Path)
@@ -115,14 +170,24 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
             max_layers=args.max_layers,
             max_elements=args.max_elements,
             max_concurrent_calls=args.max_concurrent_calls,
+            max_concurrent_streams=args.max_concurrent_streams,
+            max_streams_per_connection=args.max_streams_per_connection,
+            max_inflight_bytes=None if args.max_inflight_mb is None else args.max_inflight_mb * _MIB,
+            receive_timeout=args.receive_timeout,
+            stream_idle_timeout=args.stream_idle_timeout,
         ),
         grace_seconds=args.grace,
+        drain_delay_seconds=args.drain_delay,
         metrics_port=args.metrics_port,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         auth_token=token,
     )
+    try:
+        config.limits.check()
+    except ValueError as exc:
+        parser.error(str(exc))
     return config, args
 
 
@@ -143,7 +208,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class _ClientGoneFilter(logging.Filter):
+    """gRPC logs at ERROR, with a traceback, an answer it could not send
+    because its client had just gone (a deadline expiring as the answer is
+    written, grpc/grpc#32551): a cancelled call, not a server error. Such
+    records become DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "ExecuteBatchError" not in record.getMessage():
+            return True
+        record.levelno, record.levelname, record.exc_info, record.exc_text = logging.DEBUG, "DEBUG", None, None
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
 def _configure_logging(level: str, form: str) -> None:
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_ClientGoneFilter())
     handler = logging.StreamHandler()
     if form == "json":
         handler.setFormatter(JsonFormatter())
@@ -174,7 +253,11 @@ async def serve(config: ServerConfig) -> None:
         metrics,
     )
     await stopping.wait()
-    log.info("draining: refusing new calls, %.1f s for calls in flight", config.grace_seconds)
+    log.info(
+        "draining: NOT_SERVING, serving %.1f s more, then %.1f s for calls in flight",
+        config.drain_delay_seconds,
+        config.grace_seconds,
+    )
     await server.stop()
     log.info("stopped")
 
@@ -192,73 +275,16 @@ def _run(config: ServerConfig) -> int:
 
 
 def _child(config: ServerConfig, level: str, form: str) -> None:
+    faulthandler.enable()
     _configure_logging(level, form)
     raise SystemExit(_run(config))
-
-
-def _metrics_port(port: int | None, index: int) -> int | None:
-    """Process ``index``'s metrics port: ``port + index``, or a free one for 0."""
-    return port if not port else port + index
-
-
-def _serve_processes(config: ServerConfig, count: int, level: str, form: str) -> int:
-    """``count`` server processes on one port (SO_REUSEPORT), as gRPC's own
-    multiprocessing example: the kernel spreads connections over them."""
-    port = config.port
-    if port == 0:  # pick one for all of them
-        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((config.host, 0))
-            port = probe.getsockname()[1]
-    context = multiprocessing.get_context("spawn")  # no gRPC state crosses a fork
-    children = [
-        context.Process(
-            target=_child,
-            args=(
-                replace(config, port=port, reuse_port=True, metrics_port=_metrics_port(config.metrics_port, i)),
-                level,
-                form,
-            ),
-            name=f"distill-server-{i}",
-        )
-        for i in range(count)
-    ]
-    stopping = False
-
-    def forward(sig: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children:
-            if child.pid is not None and child.is_alive():
-                os.kill(child.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for child in children:
-        child.start()
-    log.info("distill-server %s: %d processes on %s", __version__, count, format_address(config.host, port))
-    running = list(children)
-    while running:
-        multiprocessing.connection.wait([child.sentinel for child in running])
-        for child in [c for c in running if not c.is_alive()]:
-            running.remove(child)
-            if not stopping:  # a process died on its own: stop the rest, report it
-                log.error("%s exited with status %s; stopping the others", child.name, child.exitcode)
-                forward(signal.SIGTERM, None)
-    return max(_exit_status(child.exitcode) for child in children)
-
-
-def _exit_status(code: int | None) -> int:
-    """A process's exit status as a shell reports it (128 + N when killed by signal N)."""
-    if code is None:
-        return 1
-    return 128 - code if code < 0 else code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``distill-server``; returns the exit status."""
     config, args = parse_args(argv)
+    faulthandler.enable()  # a native crash leaves every thread's Python stack on stderr
     _configure_logging(args.log_level, args.log_format)
     if args.processes > 1:
-        return _serve_processes(config, args.processes, args.log_level, args.log_format)
+        return supervise(config, args.processes, args.log_level, args.log_format, target=_child)
     return _run(config)

@@ -17,17 +17,23 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from distill_client.errors import DistillError, Unavailable
 from distill_client.losses import DistilLoss
 from distill_server import backend as backends
 from distill_server import engine
 from distill_server.auth import BearerTokenInterceptor
+from distill_server.decoding import DecodingInterceptor
 from distill_server.metrics import Metrics
-from distill_server.servicer import SERVICE_NAME, DistillServicer, add_to_server
+from distill_server.servicer import SERVICE_NAME, DistillServicer, add_to_server, log_failure
 from distill_server.validation import Limits
 
 __all__ = ["DistillServer", "ServerConfig", "format_address"]
 
 log = logging.getLogger(__name__)
+
+_CANCEL_MARGIN = 0.5
+"""Seconds between dropping the computations left at the end of the grace
+period (they answer UNAVAILABLE) and gRPC cancelling what is still open."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ class ServerConfig:
     workers: int = 4
     limits: Limits = field(default_factory=Limits)
     grace_seconds: float = 10.0
+    drain_delay_seconds: float = 0.0
     metrics_port: int | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -56,6 +63,19 @@ class ServerConfig:
 def format_address(host: str, port: int) -> str:
     """``host:port``, with an IPv6 host in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Health(health.aio.HealthServicer):  # type: ignore[misc]
+    """grpcio-health-checking's servicer with ``List``, which it lacks (each
+    call answered UNIMPLEMENTED with a NotImplementedError logged at ERROR)."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        statuses = self._server_status.items()  # the parent's table, as Check reads it
+        return health_pb2.HealthListResponse(
+            statuses={name: health_pb2.HealthCheckResponse(status=status) for name, status in statuses}
+        )
 
 
 def _warm_up(backend: backends.Backend) -> None:
@@ -91,31 +111,40 @@ class DistillServer:
 
     Raises:
         BackendError: the configured device cannot be used.
-        ValueError: an incomplete TLS configuration.
+        ValueError: an incomplete TLS configuration, or limits that cannot
+            hold a largest message.
         RuntimeError: the address cannot be bound (a busy port fails: no
             SO_REUSEPORT unless ``reuse_port``, for multi-process serving).
     """
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        config.limits.check()
         credentials = _credentials(config)
         self.backend = backends.select(config.device)
         self.metrics = Metrics(self.backend.device, self.backend.description)
         self.executor = ThreadPoolExecutor(config.workers, thread_name_prefix="distill")
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if config.auth_token:
             interceptors.append(BearerTokenInterceptor(config.auth_token, self._count_refusal))
-        limit = config.limits.max_message_bytes
+        interceptors.append(DecodingInterceptor(self._count_malformed))
+        limits = config.limits
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limits.max_message_bytes),
+                ("grpc.max_receive_message_length", limits.max_message_bytes),
+                ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
                 ("grpc.so_reuseport", int(config.reuse_port)),
+                # BDP probing grows every stream's window to megabytes, so gRPC would take in data no handler
+                # asked to read (16 MB a call, measured). Without it a call holds at most the 64 KiB initial
+                # window until its read starts, and a read still opens the window to its whole message.
+                ("grpc.http2.bdp_probe", 0),
             ],
         )
-        add_to_server(DistillServicer(self.backend, self.executor, config.limits, self.metrics), self.server)
-        self.health = health.aio.HealthServicer()
+        self.servicer = DistillServicer(self.backend, self.executor, limits, self.metrics)
+        add_to_server(self.servicer, self.server)
+        self.health = _Health()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         if credentials is None:
@@ -126,6 +155,11 @@ class DistillServer:
 
     def _count_refusal(self, method: str) -> None:
         self.metrics.requests.labels(method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
+
+    def _count_malformed(self, method: str, error: DistillError, context: grpc.aio.ServicerContext) -> None:
+        rpc = method.rsplit("/", 1)[-1]
+        log_failure(rpc, error, context.peer())
+        self.metrics.requests.labels(rpc, error.code.name).inc()
 
     @property
     def address(self) -> str:
@@ -147,11 +181,28 @@ class DistillServer:
             await self.health.set(service, status)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: health goes NOT_SERVING, new calls are refused, calls in
-        flight get ``grace`` seconds to finish."""
+        """Drain: health goes NOT_SERVING and calls are still served for the
+        drain delay, so that balancers leave this server first; then new
+        calls are refused and calls in flight get ``grace`` seconds. What is
+        still computing or queued then is dropped with UNAVAILABLE (losses
+        are pure: the client retries elsewhere), and what is still open half
+        a second later is cancelled by gRPC."""
+        grace = self.config.grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.config.grace_seconds if grace is None else grace)
-        self.executor.shutdown(wait=True)
+        if self.config.drain_delay_seconds > 0:
+            await asyncio.sleep(self.config.drain_delay_seconds)
+        stopping = asyncio.ensure_future(self.server.stop(grace + _CANCEL_MARGIN))
+        done, _ = await asyncio.wait({stopping}, timeout=grace)
+        if not done:
+            dropped = self.servicer.abandon(
+                Unavailable(
+                    f"the server is shutting down and the call did not finish within its {grace:g} s grace "
+                    "period (--grace); retry it on another replica"
+                )
+            )
+            log.warning("grace period over: dropping %d computation(s) in flight or queued", dropped)
+        await stopping
+        self.executor.shutdown(wait=True, cancel_futures=True)
         self.metrics.close()
 
     async def wait(self) -> None:

@@ -1,9 +1,16 @@
-"""The DistillService methods: decode and check -> engine -> encode.
+"""The DistillService methods: receive -> decode and check -> engine -> encode.
 
-Large computations run in a thread pool so the event loop keeps accepting
-calls. Every call passes through :meth:`DistillServicer._call`, the one place
-that admits it (the concurrency limit), counts it (metrics), logs a failure
-and translates a DistillError into a rich status.
+Every method is registered with a streaming request side, so the server
+decides when a message is read: only once the call holds a slot and, for a
+unary call, has reserved what the read can buffer from the byte budget of
+:mod:`distill_server.admission`. (A stream would hold such a reservation
+while it waits for its next step, so streams are bounded by their count,
+their message limit and their timeouts instead.) Large computations run in a thread pool so the event loop
+keeps accepting calls, and stop at their next block when the call is
+cancelled, times out or is dropped by a drain. Every call passes through
+:meth:`DistillServicer._call`, the one place that admits it, counts it
+(metrics), logs a failure and translates a DistillError into a rich status.
+The gRPC context is read only while its call is known to be alive.
 """
 
 from __future__ import annotations
@@ -14,22 +21,33 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Executor
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from distill.v1 import distill_pb2 as pb
 from distill_client import tensors, wire
-from distill_client.errors import DistillError, Internal, InvalidArgument, LimitExceeded
+from distill_client.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    DistillError,
+    Internal,
+    InvalidArgument,
+    LimitExceeded,
+    MessageTooLarge,
+    Unavailable,
+)
 from distill_client.losses import LossKind
 from distill_server import __version__, engine, validation
+from distill_server.admission import READ_COPIES, Budget, Reservation, Work
 from distill_server.backend import Backend
 from distill_server.metrics import Metrics
-from distill_server.status import to_rich_status, to_status
+from distill_server.status import bounded, to_rich_status, to_status
 from distill_server.validation import Limits
 
-__all__ = ["SERVICE_NAME", "DistillServicer", "add_to_server"]
+__all__ = ["SERVICE_NAME", "DistillServicer", "add_to_server", "log_failure"]
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["DistillService"].full_name
 
@@ -39,15 +57,14 @@ INLINE_BYTES = 64 * 1024
 """Requests up to this size are computed on the event loop: a hop to a pool
 thread costs more (about 0.1 ms here) than their whole computation."""
 
-_Response = TypeVar("_Response")
-
 
 class DistillServicer:
     """Computes losses on ``backend``, large ones in ``executor``'s threads.
 
     The loss methods take the serialized request: :mod:`distill_client.wire`
     splits it so that tensors are views on the received bytes, and frames the
-    response so that gradients are copied once.
+    response so that gradients are copied once. Unary calls and streams have
+    their own concurrency limits, so neither can starve the other.
     """
 
     def __init__(self, backend: Backend, executor: Executor, limits: Limits, metrics: Metrics) -> None:
@@ -56,6 +73,9 @@ class DistillServicer:
         self.limits = limits
         self.metrics = metrics
         self.active_calls = 0
+        self.active_streams = 0
+        self.budget = Budget(limits.inflight_bytes, "--max-inflight-mb", metrics.inflight_bytes.set)
+        self._work: set[Work] = set()
         self.info = pb.GetServerInfoResponse(
             version=__version__,
             device=backend.device,
@@ -63,18 +83,18 @@ class DistillServicer:
             supported_dtypes=list(tensors.DTYPES),
             supported_loss_kinds=[kind.value for kind in LossKind],
             max_message_bytes=limits.max_message_bytes,
-        )
+        ).SerializeToString()
 
     # ------------------------------------------------------------ the RPCs
 
-    async def ComputeLayerLoss(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        async with self._call("ComputeLayerLoss", request, context):
-            return await self._execute(self._layer_loss, request)
+    async def ComputeLayerLoss(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        async with self._call("ComputeLayerLoss", context) as call:
+            return await call.run(self._layer_loss, await call.request())
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def ComputeTotalLoss(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        async with self._call("ComputeTotalLoss", request, context):
-            return await self._execute(self._total_loss, request)
+    async def ComputeTotalLoss(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        async with self._call("ComputeTotalLoss", context) as call:
+            return await call.run(self._total_loss, await call.request())
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def StreamLosses(
@@ -82,35 +102,31 @@ class DistillServicer:
     ) -> AsyncIterator[bytes]:
         """One configuration, then one response per step; a failed step
         answers with its error and the stream goes on."""
-        steps = 0
-        async with self._call("StreamLosses", b"", context):
-            try:
-                iterator = aiter(requests)
-                first = await anext(iterator, None)
-                if first is None:
-                    return
-                self.metrics.received.labels("StreamLosses").inc(len(first))
-                layers, gradients = self._stream_config(first)
-                log.debug("stream started: peer=%s layers=%d", context.peer(), len(layers))
-                async for payload in iterator:
-                    steps += 1
-                    self.metrics.received.labels("StreamLosses").inc(len(payload))
-                    yield await self._step(payload, layers, gradients, context.peer())
-            finally:
-                # Also reached when the client cancels: nothing of the stream is kept.
-                log.debug("stream ended: peer=%s steps=%d", context.peer(), steps)
+        async with self._call("StreamLosses", context, stream=True) as call:
+            first = await call.receive(self.limits.receive_timeout, "--receive-timeout")
+            if first is None:
+                return
+            layers, gradients = self._stream_config(first)
+            log.debug("stream started: peer=%s layers=%d", call.peer, len(layers))
+            idle = self.limits.stream_idle_timeout
+            while (payload := await call.receive(idle, "--stream-idle-timeout")) is not None:
+                call.steps += 1
+                yield await self._step(call, payload, layers, gradients)
 
-    async def GetServerInfo(
-        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetServerInfoResponse:
-        async with self._call("GetServerInfo", b"", context):
+    async def GetServerInfo(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        async with self._call("GetServerInfo", context) as call:
+            payload = await call.request()
+            try:
+                pb.GetServerInfoRequest.FromString(payload)
+            except DecodeError as exc:
+                raise InvalidArgument(f"malformed request: {exc}") from exc
             return self.info
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ------------------------------------------------------------ the work
 
     def _layer_loss(self, payload: bytes) -> bytes:
-        request, views = wire.split(pb.ComputeLayerLossRequest, payload)
+        request, views = wire.split(pb.ComputeLayerLossRequest, payload, self.limits.max_layers)
         layers = validation.layers(request.layers, self.limits)
         index = validation.layer_index(request.layer_index)
         teacher = validation.tensor(views["teacher"], "teacher")
@@ -122,7 +138,7 @@ class DistillServicer:
         return wire.build(pb.ComputeLayerLossResponse(), layer_loss=self._encode(result, student.dtype))
 
     def _total_loss(self, payload: bytes) -> bytes:
-        request, views = wire.split(pb.ComputeTotalLossRequest, payload)
+        request, views = wire.split(pb.ComputeTotalLossRequest, payload, self.limits.max_layers)
         layers = validation.layers(request.layers, self.limits)
         total, results = self._total("ComputeTotalLoss", layers, views, request.return_gradients)
         return wire.build(pb.ComputeTotalLossResponse(total_loss=total), layer_losses=results)
@@ -155,19 +171,19 @@ class DistillServicer:
         return wire.frame(message, student_gradient=gradient)
 
     def _stream_config(self, payload: bytes) -> tuple[list[engine.Layer], bool]:
-        request, views = wire.split(pb.StreamLossesRequest, payload)
+        request, views = wire.split(pb.StreamLossesRequest, payload, self.limits.max_layers)
         if not request.HasField("config"):
             raise InvalidArgument("the first message of a stream must set config", field="config")
         if views["teachers"] or views["students"] or request.step_id:
             raise InvalidArgument("the first message of a stream carries only config", field="config")
         return validation.layers(request.config.layers, self.limits), request.config.return_gradients
 
-    async def _step(self, payload: bytes, layers: list[engine.Layer], gradients: bool, peer: str) -> bytes:
+    async def _step(self, call: _Call, payload: bytes, layers: list[engine.Layer], gradients: bool) -> bytes:
         step_id = 0
 
         def step(payload: bytes) -> bytes:
             nonlocal step_id
-            request, views = wire.split(pb.StreamLossesRequest, payload)
+            request, views = wire.split(pb.StreamLossesRequest, payload, self.limits.max_layers)
             step_id = request.step_id
             if request.HasField("config"):
                 raise InvalidArgument("config may be set only in the first message of a stream", field="config")
@@ -175,81 +191,168 @@ class DistillServicer:
             return wire.build(pb.StreamLossesResponse(step_id=step_id, total_loss=total), layer_losses=results)
 
         try:
-            response = await self._execute(step, payload)
+            response = await call.run(step, payload)
         except DistillError as error:
+            if isinstance(error, (Cancelled, Unavailable)):
+                raise  # the stream is over (cancelled, or dropped by a drain), not the step
             self.metrics.stream_steps.labels(error.code.name).inc()
-            _log_failure("StreamLosses", error, peer, f" step={step_id}")
+            log_failure("StreamLosses", error, call.peer, f" step={step_id}")
             return pb.StreamLossesResponse(step_id=step_id, error=to_rich_status(error)).SerializeToString()
         self.metrics.stream_steps.labels("OK").inc()
         return response
 
+    def compute(self, method: Callable[[bytes], bytes], payload: bytes, work: Work | None = None) -> bytes:
+        """Run ``method`` on the device, stoppable between blocks through
+        ``work``; an answer over the message limit is an error, not a send."""
+        if work is not None:
+            work.check()  # dropped while it was queued
+        interruptible = engine.interruptible(work.check) if work else contextlib.nullcontext()
+        with self.backend.activate(), interruptible:
+            response = method(payload)
+        if len(response) > self.limits.max_message_bytes:
+            raise MessageTooLarge(
+                f"the answer would be {len(response)} bytes, over this server's limit of "
+                f"{self.limits.max_message_bytes} (--max-message-mb); ask for fewer layers or no gradients per call"
+            )
+        return response
+
+    def abandon(self, error: DistillError) -> int:
+        """Stop every computation in flight or queued with ``error``; returns how many."""
+        for work in self._work:
+            work.abandon(error)
+        return len(self._work)
+
     # ------------------------------------------------------------ the machinery
 
-    async def _execute(self, method: Callable[[bytes], _Response], payload: bytes) -> _Response:
-        """Compute on the event loop when small, else in the pool; errors
-        other than DistillError become Internal."""
-        try:
-            if len(payload) <= INLINE_BYTES:
-                return self._compute(method, payload)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, self._compute, method, payload)
-        except DistillError:
-            raise
-        except Exception as exc:  # a bug: say so, keep serving
-            log.exception("unexpected failure in %s", method.__name__)
-            raise Internal(f"internal error: {type(exc).__name__}: {exc}") from exc
-
-    def _compute(self, method: Callable[[bytes], _Response], payload: bytes) -> _Response:
-        with self.backend.activate():
-            return method(payload)
-
     @contextlib.asynccontextmanager
-    async def _call(self, rpc: str, payload: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def _call(self, rpc: str, context: grpc.aio.ServicerContext, stream: bool = False) -> AsyncIterator[_Call]:
         """Admit, count and time one call; a DistillError aborts it with its rich status."""
         start, code = time.perf_counter(), "OK"
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("call started: rpc=%s peer=%s", rpc, context.peer())
-        self.metrics.received.labels(rpc).inc(len(payload))
+        call = _Call(self, rpc, context, None if stream else self.budget)
+        log.debug("call started: rpc=%s peer=%s", rpc, call.peer)
         try:
-            with self._slot(rpc):
-                yield
+            with self._slot(rpc, stream):
+                yield call
+        except Cancelled as error:  # the call is gone: nobody to answer, nothing to log
+            code = error.code.name
+            raise asyncio.CancelledError from error
         except DistillError as error:
             code = error.code.name
-            await _abort(context, rpc, error)
+            log_failure(rpc, error, call.peer)
+            await context.abort_with_status(to_status(error))
         except BaseException as exc:  # the client went away, or an abort
             code = "CANCELLED" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else "UNKNOWN"
             raise
         finally:
+            call.close()
+            if stream:
+                log.debug("stream ended: peer=%s steps=%d", call.peer, call.steps)
             self.metrics.requests.labels(rpc, code).inc()
             self.metrics.duration.labels(rpc).observe(time.perf_counter() - start)
 
     @contextlib.contextmanager
-    def _slot(self, rpc: str) -> Iterator[None]:
-        """Hold one of ``--max-concurrent-calls`` slots (calls run on one event loop)."""
-        if self.active_calls >= self.limits.max_concurrent_calls:
+    def _slot(self, rpc: str, stream: bool) -> Iterator[None]:
+        """Hold one of ``--max-concurrent-calls`` (or ``-streams``) slots (calls run on one event loop)."""
+        active, limit, flag = (
+            (self.active_streams, self.limits.max_concurrent_streams, "--max-concurrent-streams")
+            if stream
+            else (self.active_calls, self.limits.max_concurrent_calls, "--max-concurrent-calls")
+        )
+        if active >= limit:
+            what = "streams" if stream else "calls"
             raise LimitExceeded(
-                f"the server is serving its limit of {self.limits.max_concurrent_calls} concurrent calls "
-                "(--max-concurrent-calls); retry later or add replicas",
-                limit=self.limits.max_concurrent_calls,
-                got=self.active_calls + 1,
+                f"the server is serving its limit of {limit} concurrent {what} ({flag}); retry later or add replicas",
+                limit=limit,
+                got=active + 1,
             )
-        self.active_calls += 1
+        self._count(stream, +1)
         self.metrics.in_flight.labels(rpc).inc()
         try:
             yield
         finally:
-            self.active_calls -= 1
+            self._count(stream, -1)
             self.metrics.in_flight.labels(rpc).dec()
 
+    def _count(self, stream: bool, delta: int) -> None:
+        if stream:
+            self.active_streams += delta
+        else:
+            self.active_calls += delta
 
-async def _abort(context: grpc.aio.ServicerContext, rpc: str, error: DistillError) -> NoReturn:
-    _log_failure(rpc, error, context.peer())
-    await context.abort_with_status(to_status(error))
-    raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+class _Call:
+    """One admitted call: what it has reserved and the work it runs."""
+
+    def __init__(
+        self, servicer: DistillServicer, rpc: str, context: grpc.aio.ServicerContext, budget: Budget | None
+    ) -> None:
+        self.servicer = servicer
+        self.rpc = rpc
+        self.context = context
+        self.peer = context.peer()  # read while the call is alive: its native call may be gone once it ended
+        self.budget = budget
+        self.steps = 0
+        self._reservation: Reservation | None = None
+
+    async def receive(self, timeout: float, flag: str) -> bytes | None:
+        """The next message (None at the end), read within ``timeout`` seconds,
+        and once the budget (if any) holds the most the read can buffer."""
+        limits = self.servicer.limits
+        if self.budget is not None:
+            self.close()  # the previous message is answered
+            self._reservation = await self.budget.reserve(
+                READ_COPIES * limits.max_message_bytes, limits.receive_timeout
+            )
+        try:
+            # context.read(), not the request iterator: its suspended generator keeps the last message alive.
+            message = await asyncio.wait_for(self.context.read(), timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(f"no complete message arrived within {timeout:g} s ({flag})") from None
+        payload = None if message is grpc.aio.EOF else message
+        if self._reservation is not None:
+            self._reservation.shrink(0 if payload is None else len(payload))
+        if payload is not None:
+            self.servicer.metrics.received.labels(self.rpc).inc(len(payload))
+        return payload
+
+    async def request(self) -> bytes:
+        """A unary call's one message."""
+        payload = await self.receive(self.servicer.limits.receive_timeout, "--receive-timeout")
+        if payload is None:  # the client went away (a deadline, a cancel) before its request was in
+            raise Cancelled("the call ended without a request message")
+        return payload
+
+    async def run(self, method: Callable[[bytes], bytes], payload: bytes) -> bytes:
+        """``method(payload)``: on the event loop when small, else in the pool,
+        where it stops at its next block once the call is abandoned."""
+        servicer = self.servicer
+        try:
+            if len(payload) <= INLINE_BYTES:
+                return servicer.compute(method, payload)
+            work = Work()
+            servicer._work.add(work)
+            try:
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(servicer.executor, servicer.compute, method, payload, work)
+            except asyncio.CancelledError:
+                work.abandon(Cancelled("the call was cancelled"))
+                raise
+            finally:
+                servicer._work.discard(work)
+        except DistillError:
+            raise
+        except Exception as exc:  # a bug: say so without the internals, keep serving
+            log.exception("unexpected failure in %s", self.rpc)
+            raise Internal(f"internal error in {self.rpc} ({type(exc).__name__}); the server logged it") from exc
+
+    def close(self) -> None:
+        if self._reservation is not None:
+            self._reservation.release()
 
 
-def _log_failure(rpc: str, error: DistillError, peer: str, extra: str = "") -> None:
-    """One structured line per failed call (or stream step)."""
+def log_failure(rpc: str, error: DistillError, peer: str, extra: str = "") -> None:
+    """One structured line per failed call (or stream step), of bounded length."""
+    message = bounded(error.message)
     log.warning(
         "call failed: rpc=%s code=%s reason=%s peer=%s%s: %s",
         rpc,
@@ -257,30 +360,21 @@ def _log_failure(rpc: str, error: DistillError, peer: str, extra: str = "") -> N
         error.reason,
         peer,
         extra,
-        error.message,
-        extra={
-            "rpc": rpc,
-            "code": error.code.name,
-            "reason": error.reason,
-            "peer": peer,
-            "error": error.message,
-        },
+        message,
+        extra={"rpc": rpc, "code": error.code.name, "reason": error.reason, "peer": peer, "error": message},
     )
 
 
 def add_to_server(servicer: DistillServicer, server: grpc.aio.Server) -> None:
-    """Register the servicer's methods; the loss methods take and return
-    serialized messages (framed by :mod:`distill_client.wire`)."""
-    rpc = grpc.unary_unary_rpc_method_handler
+    """Register the servicer's methods. Each reads its request side itself
+    (a streaming handler, whatever the RPC's shape), as serialized messages
+    (framed by :mod:`distill_client.wire`)."""
+    unary = grpc.stream_unary_rpc_method_handler
     handlers = {
-        "ComputeLayerLoss": rpc(servicer.ComputeLayerLoss),
-        "ComputeTotalLoss": rpc(servicer.ComputeTotalLoss),
+        "ComputeLayerLoss": unary(servicer.ComputeLayerLoss),
+        "ComputeTotalLoss": unary(servicer.ComputeTotalLoss),
         "StreamLosses": grpc.stream_stream_rpc_method_handler(servicer.StreamLosses),
-        "GetServerInfo": rpc(
-            servicer.GetServerInfo,
-            request_deserializer=pb.GetServerInfoRequest.FromString,
-            response_serializer=pb.GetServerInfoResponse.SerializeToString,
-        ),
+        "GetServerInfo": unary(servicer.GetServerInfo),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

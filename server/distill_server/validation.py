@@ -19,19 +19,56 @@ from distill_client import tensors
 from distill_client.errors import InvalidArgument, LimitExceeded
 from distill_client.losses import DistilLoss
 from distill_client.wire import TensorView
+from distill_server.admission import READ_COPIES
 from distill_server.engine import Layer
 
-__all__ = ["Limits", "layer_index", "layers", "tensor", "tensor_list"]
+__all__ = ["MAX_NAME_CHARS", "Limits", "layer_index", "layers", "tensor", "tensor_list"]
+
+MAX_NAME_CHARS = 256
+"""Longest layer name: names are echoed in every answer and error."""
+
+_MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask of the server (the ``--max-*`` flags)."""
+    """What calls may ask of the server (the ``--max-*`` and timeout flags).
 
-    max_message_bytes: int = 256 * 1024 * 1024
+    ``max_inflight_bytes`` bounds the bytes of unary calls in flight (being
+    received, computed or answered); None means ``max(2 GiB, 12 x
+    max_message_bytes)``, room to receive four largest messages at once (a
+    read reserves three times the message limit: see
+    :mod:`distill_server.admission`).
+    """
+
+    max_message_bytes: int = 256 * _MIB
     max_layers: int = 1024
     max_elements: int = 1 << 28
     max_concurrent_calls: int = 64
+    max_concurrent_streams: int = 16
+    max_streams_per_connection: int = 100
+    max_inflight_bytes: int | None = None
+    receive_timeout: float = 30.0
+    stream_idle_timeout: float = 300.0
+
+    @property
+    def inflight_bytes(self) -> int:
+        """``max_inflight_bytes`` with its default resolved."""
+        if self.max_inflight_bytes is not None:
+            return self.max_inflight_bytes
+        return max(2048 * _MIB, 4 * READ_COPIES * self.max_message_bytes)
+
+    def check(self) -> None:
+        """Raises ValueError when the limits cannot serve a largest message."""
+        needed = READ_COPIES * self.max_message_bytes
+        if self.inflight_bytes < needed:
+            raise ValueError(
+                f"--max-inflight-mb {self.inflight_bytes // _MIB} cannot receive a largest message: a read "
+                f"reserves {READ_COPIES} x --max-message-mb, so at least {needed // _MIB}"
+            )
+        for name in ("receive_timeout", "stream_idle_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected > 0")
 
     def check_elements(self, arrays: Sequence[npt.NDArray[Any]]) -> int:
         """The request's element count, if within ``max_elements``.
@@ -79,6 +116,12 @@ def layers(messages: Sequence[pb.Layer], limits: Limits) -> list[Layer]:
         except InvalidArgument as exc:
             field = f"{where}.loss" + (f".{exc.field}" if exc.field else "")
             raise InvalidArgument(f"{field}: {exc.message}", field=field, layer=i) from exc
+        if len(message.name) > MAX_NAME_CHARS:
+            raise InvalidArgument(
+                f"{where}.name has {len(message.name)} characters; expected at most {MAX_NAME_CHARS}",
+                field=f"{where}.name",
+                layer=i,
+            )
         checked.append(Layer(message.weight, loss, message.name))
     return checked
 

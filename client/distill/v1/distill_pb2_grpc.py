@@ -66,9 +66,11 @@ class DistillServiceServicer:
         loss(teacher, student)`.
 
         Errors (status code, ErrorInfo reason):
-        - INVALID_ARGUMENT, INVALID_ARGUMENT: a malformed request (unknown dtype,
-        data length that does not match the shape, a loss without a kind, a
-        non-finite weight, a temperature that is not finite and > 0).
+        - INVALID_ARGUMENT, INVALID_ARGUMENT: a malformed request (bytes that do
+        not parse, unknown dtype, more than 32 dimensions, data length that
+        does not match the shape, a loss without a kind, a non-finite weight,
+        a temperature that is not finite and > 0, a layer name of more than
+        256 characters).
         - OUT_OF_RANGE, LAYER_INDEX_OUT_OF_RANGE: `layer_index >= len(layers)`;
         metadata `expected` = len(layers), `got` = layer_index + 1.
         - INVALID_ARGUMENT, EMPTY_INPUT: the teacher tensor has no elements.
@@ -79,14 +81,23 @@ class DistillServiceServicer:
         - INVALID_ARGUMENT, SHAPE_MISMATCH: a REDUCTION_PER_ROW loss whose
         teacher and student shapes differ.
         - OUT_OF_RANGE, LOSS_OVERFLOW: finite inputs whose loss overflows float64.
-        - RESOURCE_EXHAUSTED: the request exceeds the server's message limit, or
-        (reason LIMIT_EXCEEDED, metadata `limit` and `got`) its limits on
-        layers, elements or concurrent calls.
+        - RESOURCE_EXHAUSTED: the request exceeds the server's message limit;
+        MESSAGE_TOO_LARGE: the answer would; LIMIT_EXCEEDED (metadata `limit`
+        and `got`): the server's limits on layers, elements or concurrent
+        calls, or its memory for calls in flight was full for longer than its
+        receive timeout (the last two may succeed later).
+        - DEADLINE_EXCEEDED: the request did not arrive within the server's
+        receive timeout (a client that stalls mid-upload), or the caller's
+        deadline passed.
+        - UNAVAILABLE: the server is gone, or is shutting down and dropped the
+        call at the end of its grace period; CANCELLED: gRPC cancelled a call
+        that reached a server as it stopped. Both may be retried, on another
+        replica: every loss is a pure function of its request.
         - UNAUTHENTICATED: the server requires a bearer token
         (`authorization: Bearer <token>` metadata) and the call lacks it.
         Every error metadata also names the `layer` and request `field` it
-        concerns where there is one. None of these succeed on retry; UNAVAILABLE
-        may be retried (with backoff).
+        concerns where there is one. Messages are at most 1 KiB. Only the codes
+        said above to be retryable may succeed on retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,9 +123,14 @@ class DistillServiceServicer:
         answers each step, in order, with its losses (and gradients when the
         configuration asks for them). A step that fails gets a response with its
         `step_id` and an `error` (the same codes and ErrorInfo reasons as
-        ComputeTotalLoss) and the stream goes on. A stream whose first message
-        has no `config` ends with INVALID_ARGUMENT. Closing or cancelling the
-        stream frees its resources on the server at once.
+        ComputeTotalLoss, MESSAGE_TOO_LARGE for an answer over the message
+        limit) and the stream goes on. A stream whose first message has no
+        `config` ends with INVALID_ARGUMENT; one that sends no first message
+        within the server's receive timeout, or no next step within its idle
+        timeout, ends with DEADLINE_EXCEEDED; one over the server's limit of
+        open streams is refused with RESOURCE_EXHAUSTED (LIMIT_EXCEEDED).
+        Closing or cancelling the stream frees its resources on the server at
+        once, and stops a step being computed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +139,8 @@ class DistillServiceServicer:
     def GetServerInfo(self, request, context):
         """Describes this server: version, device, supported dtypes and loss kinds,
         and the message-size limit, so a client can adapt before it sends.
+        Errors: INVALID_ARGUMENT for bytes that do not parse; RESOURCE_EXHAUSTED
+        and UNAVAILABLE as ComputeLayerLoss.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

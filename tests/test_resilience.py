@@ -1,0 +1,483 @@
+"""One client must never crash, lock out or exhaust the server.
+
+Every test runs a real ``distill-server`` process and plays a careless or
+hostile client against it: cancelling mid-call, going silent, sending many
+small or one huge message, asking for answers over a limit. Memory is read
+from the server's peak RSS (``VmHWM``); no test asserts a duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+
+from distill.v1 import distill_pb2 as pb
+from distill_client import DistillClient, DistilLoss, LimitExceeded, MessageTooLarge, Reduction, wire
+from distill_client.errors import DeadlineExceeded, Unavailable, from_rich_status
+from distill_server.admission import Budget, Work
+from tests.conftest import ServerProcess
+
+MIB = 1024 * 1024
+SERVICE = "/distill.v1.DistillService/"
+MSE = [(1.0, DistilLoss.mse())]
+
+
+def status_kib(pid: int, key: str) -> int:
+    """A ``/proc/<pid>/status`` value (kB for sizes)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def peak_mib(proc: ServerProcess) -> float:
+    return status_kib(proc.process.pid, "VmHWM") / 1024
+
+
+def cpu_seconds(proc: ServerProcess) -> float:
+    with open(f"/proc/{proc.process.pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime in clock ticks (USER_HZ = 100)
+
+
+def raw_call(target: str, method: str, payload: bytes, timeout: float = 30, **options: int) -> tuple[object, bytes]:
+    """One unary call with raw bytes; returns (status code, answer)."""
+    opts = [("grpc.max_send_message_length", 512 * MIB), ("grpc.max_receive_message_length", 512 * MIB)]
+    with grpc.insecure_channel(target, options=opts + list(options.items())) as channel:
+        try:
+            return grpc.StatusCode.OK, channel.unary_unary(method)(payload, timeout=timeout)
+        except grpc.RpcError as exc:
+            return exc.code(), (exc.details() or "").encode()
+
+
+def alive(proc: ServerProcess) -> None:
+    """The server is running and computes correctly."""
+    assert proc.process.poll() is None, proc.text()
+    with DistillClient(proc.target, timeout=30) as client:
+        assert client.compute_total_loss(MSE, [np.ones(4)], [np.zeros(4)]).total == 1.0
+
+
+def stream_call(target: str) -> tuple[grpc.Channel, object]:
+    channel = grpc.insecure_channel(target)
+    return channel, channel.stream_stream(
+        SERVICE + "StreamLosses", response_deserializer=pb.StreamLossesResponse.FromString
+    )
+
+
+def config(layers: int = 1, gradients: bool = False, name: str = "") -> bytes:
+    layer = pb.Layer(weight=1.0, loss=DistilLoss.mse().to_proto(), name=name)
+    return pb.StreamLossesRequest(
+        config=pb.StreamConfig(layers=[layer] * layers, return_gradients=gradients)
+    ).SerializeToString()
+
+
+def step(teachers: list[np.ndarray], students: list[np.ndarray], step_id: int = 0) -> bytes:
+    return wire.build(pb.StreamLossesRequest(step_id=step_id), teachers=teachers, students=students)
+
+
+# ------------------------------------------------------------------ crashes
+
+
+def test_stream_cancelled_mid_step_does_not_crash(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu"])
+    big = np.random.default_rng(0).standard_normal(2_000_000).astype(np.float32)
+
+    def messages(sent: threading.Event) -> Iterator[bytes]:
+        yield config()
+        yield step([big], [big])
+        yield step([big], [big], 1)
+        sent.set()
+        time.sleep(5)
+
+    for _ in range(10):
+        channel, method = stream_call(proc.target)
+        with channel:
+            sent = threading.Event()
+            call = method(messages(sent))
+            assert next(call).total_loss == 0.0  # type: ignore[call-overload]
+            sent.wait(10)
+            call.cancel()  # type: ignore[attr-defined]  # the second step is in flight
+    with DistillClient(proc.target, timeout=30) as client:  # the bridge's close, in ordinary use
+        session = client.stream(MSE)
+        session.step([big], [big])
+        session.close()
+    alive(proc)
+    assert "Fatal Python error" not in proc.text()
+
+
+def test_sigterm_with_a_dead_streams_client_exits_cleanly(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu", "--grace", "1"])
+    channel, method = stream_call(proc.target)
+    call = method(iter([config(), step([np.ones(3)], [np.ones(3)])]))
+    next(call)  # type: ignore[call-overload]
+    channel.close()  # the client dies with its stream open
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, proc.text()
+
+
+def test_stream_answer_over_the_message_limit_is_a_step_error(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu", "--max-message-mb", "1", "--max-layers", "5000"])
+    layers = 4000
+    channel, method = stream_call(proc.target)
+    one, zero = [np.ones(1)] * layers, [np.zeros(1)] * layers  # a step of 120 kB, its answer 1.08 MB
+    with channel:
+        call = method(iter([config(layers, gradients=True, name="n" * 230), step(one, zero, 7), step(one, zero, 8)]))
+        for step_id in (7, 8):  # the stream goes on after a step that failed
+            answer = next(call)  # type: ignore[call-overload]
+            assert answer.step_id == step_id
+            error = from_rich_status(answer.error)
+            assert isinstance(error, MessageTooLarge), error
+            assert "--max-message-mb" in error.message
+    alive(proc)
+
+
+# ------------------------------------------------------------------ cost proportional to what is admitted
+
+
+def test_millions_of_empty_tensors_are_refused_before_they_are_built(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu", "--max-message-mb", "16"])
+    before = peak_mib(proc)
+    request = pb.ComputeTotalLossRequest(layers=[pb.Layer(weight=1.0, loss=DistilLoss.mse().to_proto())])
+    payload = request.SerializeToString() + b"\x12\x00" * 8_000_000  # 16 MB of empty teachers
+    code, details = raw_call(proc.target, SERVICE + "ComputeTotalLoss", payload)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+    assert b"--max-layers" in details
+    code, details = raw_call(proc.target, SERVICE + "ComputeTotalLoss", b"\x28\x01" * 8_000_000)  # unknown fields
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    # The request itself is held three times at most (gRPC's buffer, the bytes, the reservation's estimate).
+    assert peak_mib(proc) - before < 100
+    alive(proc)
+
+
+def test_ranks_and_error_texts_are_bounded(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu"])
+    tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1] * 10_000, data=b"\0" * 4)
+    payload = pb.ComputeLayerLossRequest(
+        layers=[pb.Layer(weight=1.0, loss=DistilLoss.mse().to_proto())], teacher=tensor, student=tensor
+    ).SerializeToString()
+    code, details = raw_call(proc.target, SERVICE + "ComputeLayerLoss", payload)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert b"10000 dimensions; expected at most 32" in details
+    name = "x" * 10_000
+    payload = pb.ComputeTotalLossRequest(
+        layers=[pb.Layer(weight=1.0, loss=DistilLoss.mse().to_proto(), name=name)]
+    ).SerializeToString()
+    code, details = raw_call(proc.target, SERVICE + "ComputeTotalLoss", payload)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and b"expected at most 256" in details
+    huge = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[7] * 32, data=b"\0" * (7 * MIB))
+    payload = pb.ComputeLayerLossRequest(
+        layers=[pb.Layer(weight=1.0, loss=DistilLoss.mse().to_proto())], teacher=huge, student=huge
+    ).SerializeToString()
+    code, details = raw_call(proc.target, SERVICE + "ComputeLayerLoss", payload)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and len(details) <= 1024
+    alive(proc)
+    assert max(len(line) for line in proc.log) < 4096
+
+
+def test_unauthenticated_calls_are_refused_without_reading_them(start_server: type[ServerProcess], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    token = tmp_path / "token"
+    token.write_text("s3cret")
+    proc = start_server(["--device", "cpu", "--auth-token-file", str(token)])
+    before = peak_mib(proc)
+    payload = b"\0" * (200 * MIB)
+    with ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(lambda _: raw_call(proc.target, SERVICE + "ComputeTotalLoss", payload)[0], range(12)))
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 12
+    assert peak_mib(proc) - before < 150  # twelve reads would be 2.4 GB
+    assert proc.process.poll() is None
+
+
+class StallingProxy:
+    """A loopback TCP proxy that forwards ``limit`` bytes of each upload, then
+    stops reading it (a client gone silent mid-message); answers flow freely."""
+
+    def __init__(self, target_port: int, limit: int) -> None:
+        self.limit = limit
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, self.limit), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, None), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket, limit: int | None) -> None:
+        sent = 0
+        try:
+            while limit is None or sent < limit:
+                chunk = source.recv(min(1 << 16, limit - sent) if limit is not None else 1 << 16)
+                if not chunk:
+                    return
+                sink.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            return
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def test_stalled_uploads_hold_at_most_the_budget_and_time_out(start_server: type[ServerProcess]) -> None:
+    proc = start_server(
+        ["--device", "cpu", "--max-message-mb", "32", "--max-inflight-mb", "256", "--receive-timeout", "2"]
+    )
+    before = peak_mib(proc)
+    proxies = [StallingProxy(proc.port, 24 * MIB) for _ in range(20)]  # each stalls at 24 of 30 MB
+    channels = [
+        grpc.insecure_channel(f"127.0.0.1:{p.port}", options=[("grpc.max_send_message_length", 64 * MIB)])
+        for p in proxies
+    ]
+    try:
+        calls = [c.unary_unary(SERVICE + "ComputeTotalLoss").future(b"\0" * (30 * MIB)) for c in channels]
+        # The stalled client hears nothing (its own socket is stuck): the server's log tells.
+        proc.wait_for_lines("call failed: rpc=ComputeTotalLoss", 20)
+        failures = [line for line in proc.log if "call failed: rpc=ComputeTotalLoss" in line]
+        peak = peak_mib(proc) - before
+    finally:
+        for proxy in proxies:  # first: a channel stuck in a write closes once its socket is gone
+            proxy.close()
+        for call, channel in zip(calls, channels, strict=True):
+            call.cancel()
+            channel.close()
+    # Stalled mid-message: the receive timeout; waiting for room meanwhile: the budget.
+    assert all("--receive-timeout" in line or "--max-inflight-mb" in line for line in failures), failures
+    assert any("--receive-timeout" in line for line in failures)
+    # The budget (256 MiB: two reads of 3 x 32 MiB at once, here stalled at 24 MiB each) and the flow-control
+    # windows of the calls waiting for it; without the budget, 20 x 24 MiB = 480 MiB.
+    assert peak < 256 + 64, peak
+    alive(proc)
+
+
+def test_budget_bounds_memory_of_concurrent_large_calls(start_server: type[ServerProcess]) -> None:
+    proc = start_server(
+        ["--device", "cpu", "--max-message-mb", "64", "--max-inflight-mb", "512", "--receive-timeout", "300"]
+    )
+    before = peak_mib(proc)
+    x = np.random.default_rng(1).standard_normal(7 * MIB).astype(np.float32)  # 2 x 28 MiB a call
+    with DistillClient(proc.target, timeout=120) as client, ThreadPoolExecutor(12) as pool:
+        totals = list(pool.map(lambda _: client.compute_total_loss(MSE, [x], [x * 0]).total, range(12)))
+    expected = float(np.mean(x.astype(np.float64) ** 2))
+    assert totals == pytest.approx([expected] * 12, rel=1e-12)
+    # The budget, 512 MiB (a read reserves 3 x 64 MiB, then the 56 MiB it holds until answered), and each
+    # computing worker's answer (a few bytes here); without it, twelve reads at once: 12 x 3 x 56 MiB.
+    assert peak_mib(proc) - before < 512 + 64
+    alive(proc)
+
+
+# ------------------------------------------------------------------ silent and idle clients
+
+
+def test_silent_streams_cannot_lock_out_other_calls(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu", "--max-concurrent-streams", "4", "--receive-timeout", "2"])
+    channel, method = stream_call(proc.target)
+    with channel:
+        silent = threading.Event()
+
+        def nothing() -> Iterator[bytes]:
+            silent.wait(30)
+            return
+            yield
+
+        calls = [method(nothing()) for _ in range(16)]
+        with DistillClient(proc.target, timeout=30) as client:  # unary calls have slots of their own
+            time.sleep(0.3)
+            assert client.server_info().version
+            assert client.compute_total_loss(MSE, [np.ones(4)], [np.zeros(4)]).total == 1.0
+        codes = []
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                next(call)  # type: ignore[call-overload]
+            codes.append(info.value.code())
+        silent.set()
+    # Four were admitted and timed out waiting for their first message; the rest found no slot.
+    assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == 4, codes
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 12, codes
+    alive(proc)
+
+
+def test_an_idle_stream_is_ended(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu", "--stream-idle-timeout", "1"])
+    with DistillClient(proc.target, timeout=30) as client:
+        session = client.stream(MSE)
+        assert session.step([np.ones(3)], [np.zeros(3)]).total == 1.0
+        time.sleep(1.5)
+        with pytest.raises(Exception) as info:
+            session.step([np.ones(3)], [np.zeros(3)])
+    assert "--stream-idle-timeout" in str(info.value)
+    alive(proc)
+
+
+# ------------------------------------------------------------------ abandoned work
+
+
+def test_cancelled_calls_stop_computing(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu", "--workers", "2"])
+    x = np.random.default_rng(2).standard_normal((4, 4 * MIB)).astype(np.float32)  # 64 MiB a tensor
+    loss = [(1.0, DistilLoss.kl_divergence(2.0, reduction=Reduction.PER_ROW))]
+    with DistillClient(proc.target, timeout=120) as client:
+        start = cpu_seconds(proc)
+        client.compute_total_loss(loss, [x], [x[::-1]], gradients=True)
+        full = cpu_seconds(proc) - start
+        start = cpu_seconds(proc)
+        for _ in range(6):
+            with pytest.raises(DeadlineExceeded):
+                client.compute_total_loss(loss, [x], [x[::-1]], gradients=True, timeout=0.3)
+        time.sleep(1.0)
+        abandoned = cpu_seconds(proc) - start
+    assert abandoned < 6 * full / 2, (abandoned, full)
+    alive(proc)
+
+
+def test_drain_drops_queued_work_with_unavailable_within_grace(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu", "--workers", "1", "--grace", "1"])
+    x = np.random.default_rng(3).standard_normal((4, 4 * MIB)).astype(np.float32)
+    loss = [(1.0, DistilLoss.kl_divergence(2.0, reduction=Reduction.PER_ROW))]
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        with DistillClient(proc.target, timeout=120, retries=0) as client:
+            try:
+                client.compute_total_loss(loss, [x], [x[::-1]], gradients=True)
+            except Exception as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2.0)  # all six sent; one computing, five queued
+    proc.signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    assert proc.wait(30) == 0, proc.text()
+    exited = time.monotonic() - stopped
+    for thread in threads:
+        thread.join(30)
+    assert errors and all(isinstance(error, Unavailable) for error in errors), errors
+    assert all("--grace" in str(error) for error in errors)
+    assert exited < 1 + 1.5, exited  # the grace period, its margin, and the process's exit
+
+
+# ------------------------------------------------------------------ malformed bytes on every RPC
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        SERVICE + "GetServerInfo",
+        "/grpc.health.v1.Health/Check",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ],
+)
+def test_malformed_bytes_are_invalid_argument(server: ServerProcess, method: str) -> None:
+    garbage = b"\xff\xff\xff\xff"
+    with grpc.insecure_channel(server.target) as channel:
+        if "Reflection" in method:
+            call = channel.stream_stream(method)(iter([garbage]), timeout=10)
+            with pytest.raises(grpc.RpcError) as info:
+                list(call)
+        else:
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary(method)(garbage, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    assert "malformed request" in (info.value.details() or "")
+    assert "Traceback" not in server.text()
+    with grpc.insecure_channel(server.target) as channel:  # still answers the well-formed
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check", response_deserializer=health_pb2.HealthCheckResponse.FromString
+        )
+        assert check(health_pb2.HealthCheckRequest().SerializeToString(), timeout=10).status == 1
+
+
+def test_huge_temperature_is_an_error_not_internal(client: DistillClient) -> None:
+    x = np.linspace(-1, 1, 64)
+    for loss in (DistilLoss.kl_divergence(1e200), DistilLoss.combined(0.5, 0.5, 1e200)):
+        try:
+            client.compute_total_loss([(1.0, loss)], [x], [x[::-1]], gradients=True)
+        except Exception as exc:
+            assert getattr(exc, "code", None) in (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.INVALID_ARGUMENT), exc
+
+
+# ------------------------------------------------------------------ the budget itself
+
+
+def test_budget_serves_in_order_and_times_out() -> None:
+    async def scenario() -> None:
+        budget = Budget(100, "--max-inflight-mb")
+        first = await budget.reserve(60, 1)
+        order: list[str] = []
+
+        async def take(name: str, nbytes: int) -> None:
+            reservation = await budget.reserve(nbytes, 5)
+            order.append(name)
+            await asyncio.sleep(0.01)
+            reservation.release()
+
+        waiting = [asyncio.ensure_future(take("big", 80)), asyncio.ensure_future(take("small", 10))]
+        await asyncio.sleep(0.01)
+        assert budget.waiting == 2  # the small one waits behind the big one: no starvation
+        with pytest.raises(LimitExceeded):
+            await budget.reserve(50, 0.01)
+        first.release()
+        await asyncio.gather(*waiting)
+        assert order == ["big", "small"]
+        assert budget.used == 0 and budget.waiting == 0
+        with pytest.raises(LimitExceeded, match="at most 100"):
+            await budget.reserve(101, 1)
+        held = await budget.reserve(90, 1)
+        held.shrink(95)  # never grows
+        assert budget.used == 90
+        held.shrink(5)
+        assert budget.used == 5
+        held.release()
+        held.release()
+        assert budget.used == 0
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_wait_gives_nothing_away() -> None:
+    async def scenario() -> None:
+        budget = Budget(10, "--max-inflight-mb")
+        held = await budget.reserve(10, 1)
+        waiter = asyncio.ensure_future(budget.reserve(5, 5))
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        held.release()
+        assert budget.used == 0 and budget.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_work_raises_its_first_error() -> None:
+    work = Work()
+    work.check()
+    work.abandon(Unavailable("first"))
+    work.abandon(Unavailable("second"))
+    with pytest.raises(Unavailable, match="first"):
+        work.check()
