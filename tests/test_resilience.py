@@ -27,6 +27,7 @@ from distill_client import DistillClient, DistilLoss, LimitExceeded, MessageTooL
 from distill_client.errors import DeadlineExceeded, Unavailable, from_rich_status
 from distill_server.admission import Budget, Work
 from tests.conftest import ServerProcess
+from tests.test_metrics import scrape
 
 MIB = 1024 * 1024
 SERVICE = "/distill.v1.DistillService/"
@@ -384,17 +385,27 @@ def test_drain_drops_queued_work_with_unavailable_within_grace(start_server: typ
 # ------------------------------------------------------------------ malformed bytes on every RPC
 
 
+@pytest.fixture(scope="module")
+def metered() -> Iterator[ServerProcess]:
+    """A server with metrics, for the malformed-bytes tests."""
+    proc = ServerProcess(["--device", "cpu", "--metrics-port", "0"])
+    yield proc
+    proc.stop()
+
+
 @pytest.mark.parametrize(
-    "method",
+    ("method", "rpc"),
     [
-        SERVICE + "GetServerInfo",
-        "/grpc.health.v1.Health/Check",
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        (SERVICE + "GetServerInfo", "GetServerInfo"),
+        ("/grpc.health.v1.Health/Check", "Check"),
+        ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "ServerReflectionInfo"),
     ],
 )
-def test_malformed_bytes_are_invalid_argument(server: ServerProcess, method: str) -> None:
+def test_malformed_bytes_are_invalid_argument(metered: ServerProcess, method: str, rpc: str) -> None:
     garbage = b"\xff\xff\xff\xff"
-    with grpc.insecure_channel(server.target) as channel:
+    counted = f'distill_requests_total{{code="INVALID_ARGUMENT",rpc="{rpc}"}}'
+    before = scrape(metered).get(counted, 0.0)
+    with grpc.insecure_channel(metered.target) as channel:
         if "Reflection" in method:
             call = channel.stream_stream(method)(iter([garbage]), timeout=10)
             with pytest.raises(grpc.RpcError) as info:
@@ -404,12 +415,28 @@ def test_malformed_bytes_are_invalid_argument(server: ServerProcess, method: str
                 channel.unary_unary(method)(garbage, timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
     assert "malformed request" in (info.value.details() or "")
-    assert "Traceback" not in server.text()
-    with grpc.insecure_channel(server.target) as channel:  # still answers the well-formed
+    assert scrape(metered)[counted] == before + 1
+    metered.wait_for_lines(f"call failed: rpc={rpc} code=INVALID_ARGUMENT", 1)
+    assert "Traceback" not in metered.text() and " ERROR " not in metered.text()
+    with grpc.insecure_channel(metered.target) as channel:  # still answers the well-formed
         check = channel.unary_unary(
             "/grpc.health.v1.Health/Check", response_deserializer=health_pb2.HealthCheckResponse.FromString
         )
         assert check(health_pb2.HealthCheckRequest().SerializeToString(), timeout=10).status == 1
+
+
+def test_per_row_losses_hold_a_few_times_their_request(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu"])
+    before = peak_mib(proc)
+    rng = np.random.default_rng(4)
+    t = rng.standard_normal((2, 8_000_000)).astype(np.float16)  # rows wider than any block; 64 MB a request
+    loss = [(1.0, DistilLoss.kl_divergence(2.0, reduction=Reduction.PER_ROW))]
+    with DistillClient(proc.target, timeout=120) as client:
+        result = client.compute_total_loss(loss, [t], [t[::-1]], gradients=True)
+    assert result.layers[0].gradient.dtype == np.float16
+    # gRPC's three copies while handing the request over, the gradient and the answer holding it:
+    # about 5 x 64 MB (16 x before the engine worked on rows in column chunks).
+    assert peak_mib(proc) - before < 6 * 64, peak_mib(proc) - before
 
 
 def test_huge_temperature_is_an_error_not_internal(client: DistillClient) -> None:
