@@ -200,7 +200,7 @@ class DistillServer:
                     "period (--grace); retry it on another replica"
                 )
             )
-            log.warning("grace period over: dropping %d computation(s) in flight or queued", dropped)
+            log.warning("grace period over: dropping %d call(s) in flight", dropped)
         await stopping
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.metrics.close()

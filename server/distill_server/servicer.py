@@ -75,7 +75,7 @@ class DistillServicer:
         self.active_calls = 0
         self.active_streams = 0
         self.budget = Budget(limits.inflight_bytes, "--max-inflight-mb", metrics.inflight_bytes.set)
-        self._work: set[Work] = set()
+        self._calls: set[_Call] = set()
         self.info = pb.GetServerInfoResponse(
             version=__version__,
             device=backend.device,
@@ -217,10 +217,12 @@ class DistillServicer:
         return response
 
     def abandon(self, error: DistillError) -> int:
-        """Stop every computation in flight or queued with ``error``; returns how many."""
-        for work in self._work:
-            work.abandon(error)
-        return len(self._work)
+        """End every call in flight with ``error``, whatever it waits for (its
+        message, room in the budget, a worker, its next step) or computes;
+        returns how many."""
+        for call in self._calls:
+            call.drop(error)
+        return len(self._calls)
 
     # ------------------------------------------------------------ the machinery
 
@@ -230,9 +232,15 @@ class DistillServicer:
         start, code = time.perf_counter(), "OK"
         call = _Call(self, rpc, context, None if stream else self.budget)
         log.debug("call started: rpc=%s peer=%s", rpc, call.peer)
+        self._calls.add(call)
         try:
-            with self._slot(rpc, stream):
-                yield call
+            try:
+                with self._slot(rpc, stream):
+                    yield call
+            except asyncio.CancelledError:
+                if call.dropped is None:  # the client went away
+                    raise
+                raise call.dropped from None  # cancelled by a drain: answer why
         except Cancelled as error:  # the call is gone: nobody to answer, nothing to log
             code = error.code.name
             raise asyncio.CancelledError from error
@@ -244,6 +252,7 @@ class DistillServicer:
             code = "CANCELLED" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else "UNKNOWN"
             raise
         finally:
+            self._calls.discard(call)
             call.close()
             if stream:
                 log.debug("stream ended: peer=%s steps=%d", call.peer, call.steps)
@@ -292,7 +301,21 @@ class _Call:
         self.peer = context.peer()  # read while the call is alive: its native call may be gone once it ended
         self.budget = budget
         self.steps = 0
+        self.dropped: DistillError | None = None
+        self._task = asyncio.current_task()
+        self._work: Work | None = None
         self._reservation: Reservation | None = None
+
+    def drop(self, error: DistillError) -> None:
+        """End the call with ``error``: its computation stops at its next
+        block, or whatever it awaits is cancelled."""
+        if self.dropped is not None:
+            return
+        self.dropped = error
+        if self._work is not None:
+            self._work.abandon(error)  # the worker raises it, and the call answers with it
+        elif self._task is not None:
+            self._task.cancel()
 
     async def receive(self, timeout: float, flag: str) -> bytes | None:
         """The next message (None at the end), read within ``timeout`` seconds,
@@ -329,8 +352,9 @@ class _Call:
         try:
             if len(payload) <= INLINE_BYTES:
                 return servicer.compute(method, payload)
-            work = Work()
-            servicer._work.add(work)
+            self._work = work = Work()
+            if self.dropped is not None:
+                work.abandon(self.dropped)
             try:
                 loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(servicer.executor, servicer.compute, method, payload, work)
@@ -338,7 +362,7 @@ class _Call:
                 work.abandon(Cancelled("the call was cancelled"))
                 raise
             finally:
-                servicer._work.discard(work)
+                self._work = None
         except DistillError:
             raise
         except Exception as exc:  # a bug: say so without the internals, keep serving
