@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import signal
 import socket
 import threading
@@ -61,6 +62,13 @@ def raw_call(target: str, method: str, payload: bytes, timeout: float = 30, **op
             return grpc.StatusCode.OK, channel.unary_unary(method)(payload, timeout=timeout)
         except grpc.RpcError as exc:
             return exc.code(), (exc.details() or "").encode()
+
+
+def _log_time(proc: ServerProcess, text: str) -> float:
+    """When the server logged ``text``, in seconds (from its own timestamps)."""
+    line = next(line for line in proc.log if text in line)
+    stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    return stamp.timestamp()
 
 
 def alive(proc: ServerProcess) -> None:
@@ -409,8 +417,13 @@ def test_drain_drops_queued_work_with_unavailable_within_grace(start_server: typ
     errors.append(info.value)
     streaming.close()
     assert len(errors) > 1 and all(isinstance(error, Unavailable) for error in errors), errors
-    assert all("--grace" in str(error) for error in errors), errors
-    assert exited < 1 + 1.5, exited  # the grace period, its margin, and the process's exit
+    assert all("--grace" in str(error) for error in errors), [str(e) for e in errors]
+    assert exited < 10
+    # From the drain's start to the process's end: the grace period, the half second before gRPC cancels
+    # what is left, and the exit. (The signal itself waits while gRPC copies a received message on the
+    # event loop: about 0.3 s for each of these 128 MB requests.)
+    drained = [_log_time(proc, "draining:"), _log_time(proc, "INFO distill_server: stopped")]
+    assert drained[1] - drained[0] < 1 + 1.0, (drained, exited)
 
 
 # ------------------------------------------------------------------ malformed bytes on every RPC

@@ -2,16 +2,17 @@
 can be called off.
 
 gRPC buffers a request message before the handler sees a byte of it, up to
-the message limit, as soon as the handler asks to read it, and its Python
-layer copies the message twice more while handing it over (into a
-bytearray, then into bytes). So a unary call's message is read only after
-reserving what that read can hold, :data:`READ_COPIES` times the message
-limit, from a :class:`Budget`; once the message is in, the reservation
-shrinks to its size, held until the answer is sent. A reservation never
-grows, so calls holding the budget never wait for each other. Calls that
-find the budget full wait their turn, in order, for at most the receive
-timeout, then fail with RESOURCE_EXHAUSTED. Nothing here touches the gRPC
-context: the servicer owns it.
+the message limit, as soon as the handler asks to read it; then its Python
+layer copies the message twice (into a bytearray, then into bytes). Those
+copies are made on the event loop, one message at a time. So a unary call's
+message is read only after reserving the message limit from a
+:class:`Budget` whose capacity keeps ``READ_COPIES - 1`` largest messages
+aside for the one being copied; once the message is in, the reservation
+shrinks to its size, then to its answer's, held until the answer is taken.
+A reservation never grows, so calls holding the budget never wait for each
+other. Calls that find the budget full wait their turn, in order, for at
+most the receive timeout, then fail with RESOURCE_EXHAUSTED. Nothing here
+touches the gRPC context: the servicer owns it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ __all__ = ["READ_COPIES", "Budget", "Reservation", "Work"]
 
 READ_COPIES = 3
 """Copies of a message that exist at once while gRPC hands it over: its
-receive buffer, the bytearray it is gathered into, the bytes made of that."""
+receive buffer, the bytearray it is gathered into, the bytes made of that
+(measured: a 56 MB request raised the peak by 168 MB)."""
 
 
 class Budget:

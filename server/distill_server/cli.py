@@ -126,7 +126,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
         "--max-inflight-mb",
         None,
         "MiB held for unary calls in flight (received, computed, answered); a read reserves "
-        "3 x --max-message-mb; off means max(2048, 12 x --max-message-mb)",
+        "--max-message-mb, and 2 x --max-message-mb are kept for gRPC's copies; off means "
+        "max(2048, 12 x --max-message-mb)",
         type=_positive,
     )
     parser.flag(

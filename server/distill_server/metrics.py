@@ -11,8 +11,8 @@ Names follow Prometheus conventions (base units, ``_total`` counters):
   students).
 - ``distill_stream_steps_total{code}``: StreamLosses steps answered.
 - ``distill_inflight_bytes``: bytes of ``--max-inflight-mb`` reserved by unary
-  calls: a message being received counts three times the message limit,
-  then its size until it is answered.
+  calls: a message being received counts the message limit, then its size,
+  then its answer's until the client has taken it.
 - ``distill_device_info{device, description}``: the compute device (always 1).
 
 The endpoint is bounded, whatever clients do (see ``_Endpoint``): one thread

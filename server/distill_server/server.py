@@ -17,7 +17,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from distill_client.errors import DistillError, Unavailable
+from distill_client.errors import DistillError
 from distill_client.losses import DistilLoss
 from distill_server import backend as backends
 from distill_server import engine
@@ -195,10 +195,8 @@ class DistillServer:
         done, _ = await asyncio.wait({stopping}, timeout=grace)
         if not done:
             dropped = self.servicer.abandon(
-                Unavailable(
-                    f"the server is shutting down and the call did not finish within its {grace:g} s grace "
-                    "period (--grace); retry it on another replica"
-                )
+                f"the server is shutting down and the call did not finish within its {grace:g} s grace "
+                "period (--grace); retry it on another replica"
             )
             log.warning("grace period over: dropping %d call(s) in flight", dropped)
         await stopping

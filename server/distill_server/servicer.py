@@ -53,6 +53,9 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["DistillService"].full_name
 
 log = logging.getLogger(__name__)
 
+_DROPPED = "dropped by a drain"
+"""The message of the cancellation :meth:`_Call.drop` sends its task."""
+
 INLINE_BYTES = 64 * 1024
 """Requests up to this size are computed on the event loop: a hop to a pool
 thread costs more (about 0.1 ms here) than their whole computation."""
@@ -74,7 +77,8 @@ class DistillServicer:
         self.metrics = metrics
         self.active_calls = 0
         self.active_streams = 0
-        self.budget = Budget(limits.inflight_bytes, "--max-inflight-mb", metrics.inflight_bytes.set)
+        copying = (READ_COPIES - 1) * limits.max_message_bytes  # the message gRPC is copying, one at a time
+        self.budget = Budget(limits.inflight_bytes - copying, "--max-inflight-mb", metrics.inflight_bytes.set)
         self._calls: set[_Call] = set()
         self.info = pb.GetServerInfoResponse(
             version=__version__,
@@ -87,19 +91,15 @@ class DistillServicer:
 
     # ------------------------------------------------------------ the RPCs
 
-    async def ComputeLayerLoss(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+    async def ComputeLayerLoss(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         async with self._call("ComputeLayerLoss", context) as call:
-            return await call.run(self._layer_loss, await call.request())
-        raise AssertionError("unreachable")  # pragma: no cover
+            await call.answer(await call.run(self._layer_loss, await call.request()))
 
-    async def ComputeTotalLoss(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+    async def ComputeTotalLoss(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         async with self._call("ComputeTotalLoss", context) as call:
-            return await call.run(self._total_loss, await call.request())
-        raise AssertionError("unreachable")  # pragma: no cover
+            await call.answer(await call.run(self._total_loss, await call.request()))
 
-    async def StreamLosses(
-        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
+    async def StreamLosses(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         """One configuration, then one response per step; a failed step
         answers with its error and the stream goes on."""
         async with self._call("StreamLosses", context, stream=True) as call:
@@ -111,17 +111,15 @@ class DistillServicer:
             idle = self.limits.stream_idle_timeout
             while (payload := await call.receive(idle, "--stream-idle-timeout")) is not None:
                 call.steps += 1
-                yield await self._step(call, payload, layers, gradients)
+                await call.answer(await self._step(call, payload, layers, gradients))
 
-    async def GetServerInfo(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+    async def GetServerInfo(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         async with self._call("GetServerInfo", context) as call:
-            payload = await call.request()
             try:
-                pb.GetServerInfoRequest.FromString(payload)
+                pb.GetServerInfoRequest.FromString(await call.request())
             except DecodeError as exc:
                 raise InvalidArgument(f"malformed request: {exc}") from exc
-            return self.info
-        raise AssertionError("unreachable")  # pragma: no cover
+            await call.answer(self.info)
 
     # ------------------------------------------------------------ the work
 
@@ -193,8 +191,8 @@ class DistillServicer:
         try:
             response = await call.run(step, payload)
         except DistillError as error:
-            if isinstance(error, (Cancelled, Unavailable)):
-                raise  # the stream is over (cancelled, or dropped by a drain), not the step
+            if error is call.dropped:
+                raise  # the stream is over (dropped by a drain), not the step
             self.metrics.stream_steps.labels(error.code.name).inc()
             log_failure("StreamLosses", error, call.peer, f" step={step_id}")
             return pb.StreamLossesResponse(step_id=step_id, error=to_rich_status(error)).SerializeToString()
@@ -216,12 +214,12 @@ class DistillServicer:
             )
         return response
 
-    def abandon(self, error: DistillError) -> int:
-        """End every call in flight with ``error``, whatever it waits for (its
-        message, room in the budget, a worker, its next step) or computes;
-        returns how many."""
+    def abandon(self, message: str) -> int:
+        """End every call in flight with UNAVAILABLE and ``message``, whatever
+        it waits for (its message, room in the budget, a worker, its next
+        step, the client taking its answer) or computes; returns how many."""
         for call in self._calls:
-            call.drop(error)
+            call.drop(Unavailable(message))
         return len(self._calls)
 
     # ------------------------------------------------------------ the machinery
@@ -237,13 +235,10 @@ class DistillServicer:
             try:
                 with self._slot(rpc, stream):
                     yield call
-            except asyncio.CancelledError:
-                if call.dropped is None:  # the client went away
+            except asyncio.CancelledError as cancel:
+                if call.dropped is None or cancel.args != (_DROPPED,):  # the client went away
                     raise
                 raise call.dropped from None  # cancelled by a drain: answer why
-        except Cancelled as error:  # the call is gone: nobody to answer, nothing to log
-            code = error.code.name
-            raise asyncio.CancelledError from error
         except DistillError as error:
             code = error.code.name
             log_failure(rpc, error, call.peer)
@@ -307,25 +302,24 @@ class _Call:
         self._reservation: Reservation | None = None
 
     def drop(self, error: DistillError) -> None:
-        """End the call with ``error``: its computation stops at its next
-        block, or whatever it awaits is cancelled."""
+        """End the call with ``error``: what it awaits is cancelled, and its
+        computation stops at its next block."""
         if self.dropped is not None:
             return
         self.dropped = error
         if self._work is not None:
-            self._work.abandon(error)  # the worker raises it, and the call answers with it
-        elif self._task is not None:
-            self._task.cancel()
+            self._work.abandon(error)
+        if self._task is not None:
+            self._task.cancel(_DROPPED)
 
     async def receive(self, timeout: float, flag: str) -> bytes | None:
         """The next message (None at the end), read within ``timeout`` seconds,
         and once the budget (if any) holds the most the read can buffer."""
         limits = self.servicer.limits
+        self._check_dropped()
         if self.budget is not None:
             self.close()  # the previous message is answered
-            self._reservation = await self.budget.reserve(
-                READ_COPIES * limits.max_message_bytes, limits.receive_timeout
-            )
+            self._reservation = await self.budget.reserve(limits.max_message_bytes, limits.receive_timeout)
         try:
             # context.read(), not the request iterator: its suspended generator keeps the last message alive.
             message = await asyncio.wait_for(self.context.read(), timeout)
@@ -338,12 +332,32 @@ class _Call:
             self.servicer.metrics.received.labels(self.rpc).inc(len(payload))
         return payload
 
+    def _check_dropped(self) -> None:
+        """Raise the drain's error, should its cancellation have been lost
+        (a wait that finished as it came)."""
+        if self.dropped is not None:
+            raise self.dropped
+
     async def request(self) -> bytes:
         """A unary call's one message."""
         payload = await self.receive(self.servicer.limits.receive_timeout, "--receive-timeout")
-        if payload is None:  # the client went away (a deadline, a cancel) before its request was in
-            raise Cancelled("the call ended without a request message")
+        if payload is None:
+            raise InvalidArgument("the call ended without a request message")
         return payload
+
+    async def answer(self, response: bytes) -> None:
+        """Send ``response`` while the call still holds its slot and, shrunk
+        to the answer's size, its reservation: a client that does not take
+        its answers holds no more than it was admitted with, and for at most
+        the receive timeout."""
+        self._check_dropped()
+        if self._reservation is not None:
+            self._reservation.shrink(len(response))
+        timeout = self.servicer.limits.receive_timeout
+        try:
+            await asyncio.wait_for(self.context.write(response), timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(f"the answer was not taken within {timeout:g} s (--receive-timeout)") from None
 
     async def run(self, method: Callable[[bytes], bytes], payload: bytes) -> bytes:
         """``method(payload)``: on the event loop when small, else in the pool,
@@ -390,15 +404,13 @@ def log_failure(rpc: str, error: DistillError, peer: str, extra: str = "") -> No
 
 
 def add_to_server(servicer: DistillServicer, server: grpc.aio.Server) -> None:
-    """Register the servicer's methods. Each reads its request side itself
-    (a streaming handler, whatever the RPC's shape), as serialized messages
-    (framed by :mod:`distill_client.wire`)."""
-    unary = grpc.stream_unary_rpc_method_handler
+    """Register the servicer's methods. Each reads its requests and writes
+    its answers itself (a streaming handler on both sides, whatever the
+    RPC's shape), as serialized messages (framed by :mod:`distill_client.wire`)."""
+    handler = grpc.stream_stream_rpc_method_handler
     handlers = {
-        "ComputeLayerLoss": unary(servicer.ComputeLayerLoss),
-        "ComputeTotalLoss": unary(servicer.ComputeTotalLoss),
-        "StreamLosses": grpc.stream_stream_rpc_method_handler(servicer.StreamLosses),
-        "GetServerInfo": unary(servicer.GetServerInfo),
+        name: handler(getattr(servicer, name))
+        for name in ("ComputeLayerLoss", "ComputeTotalLoss", "StreamLosses", "GetServerInfo")
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

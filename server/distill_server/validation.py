@@ -36,9 +36,8 @@ class Limits:
 
     ``max_inflight_bytes`` bounds the bytes of unary calls in flight (being
     received, computed or answered); None means ``max(2 GiB, 12 x
-    max_message_bytes)``, room to receive four largest messages at once (a
-    read reserves three times the message limit: see
-    :mod:`distill_server.admission`).
+    max_message_bytes)``, room to receive ten largest messages at once and
+    copy one (see :mod:`distill_server.admission`).
     """
 
     max_message_bytes: int = 256 * _MIB
@@ -63,8 +62,8 @@ class Limits:
         needed = READ_COPIES * self.max_message_bytes
         if self.inflight_bytes < needed:
             raise ValueError(
-                f"--max-inflight-mb {self.inflight_bytes // _MIB} cannot receive a largest message: a read "
-                f"reserves {READ_COPIES} x --max-message-mb, so at least {needed // _MIB}"
+                f"--max-inflight-mb {self.inflight_bytes // _MIB} cannot receive a largest message: gRPC holds "
+                f"{READ_COPIES} copies of it while it hands it over, so at least {needed // _MIB}"
             )
         for name in ("receive_timeout", "stream_idle_timeout"):
             if not getattr(self, name) > 0:
