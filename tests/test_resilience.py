@@ -284,7 +284,7 @@ def test_stalled_uploads_hold_at_most_the_budget_and_time_out(start_server: type
 
 def test_budget_bounds_memory_of_concurrent_large_calls(start_server: type[ServerProcess]) -> None:
     proc = start_server(
-        ["--device", "cpu", "--max-message-mb", "64", "--max-inflight-mb", "512", "--receive-timeout", "300"]
+        ["--device", "cpu", "--max-message-mb", "64", "--max-inflight-mb", "256", "--receive-timeout", "300"]
     )
     before = peak_mib(proc)
     x = np.random.default_rng(1).standard_normal(7 * MIB).astype(np.float32)  # 2 x 28 MiB a call
@@ -292,9 +292,11 @@ def test_budget_bounds_memory_of_concurrent_large_calls(start_server: type[Serve
         totals = list(pool.map(lambda _: client.compute_total_loss(MSE, [x], [x * 0]).total, range(12)))
     expected = float(np.mean(x.astype(np.float64) ** 2))
     assert totals == pytest.approx([expected] * 12, rel=1e-12)
-    # The budget, 512 MiB (a read reserves 3 x 64 MiB, then the 56 MiB it holds until answered), and each
-    # computing worker's answer (a few bytes here); without it, twelve reads at once: 12 x 3 x 56 MiB.
-    assert peak_mib(proc) - before < 512 + 64
+    # The budget bounds the bytes alive: 256 MiB (two reads of 64 MiB at once and the 128 MiB kept for the
+    # copy gRPC is making). RSS also keeps what glibc retains of gRPC's freed receive buffers, up to about
+    # as much again. Without the budget the twelve calls are received at once: about 940 MiB here.
+    growth = peak_mib(proc) - before
+    assert growth < 2 * 256, growth
     alive(proc)
 
 
