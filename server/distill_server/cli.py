@@ -133,7 +133,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
     parser.flag(
         "--receive-timeout",
         limits.receive_timeout,
-        "seconds to receive a request message, a stream's first message, or room in --max-inflight-mb",
+        "seconds to receive a request message or a stream's first message, to wait for room in "
+        "--max-inflight-mb, and for the client to take an answer",
         type=_positive_float,
     )
     parser.flag(

@@ -152,6 +152,7 @@ class DistillServer:
         else:
             self.port = self.server.add_secure_port(config.address, credentials)
         self.metrics_port: int | None = None
+        self._expiry: asyncio.Future[None] | None = None
 
     def _count_refusal(self, method: str) -> None:
         self.metrics.requests.labels(method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
@@ -174,6 +175,9 @@ class DistillServer:
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
         await asyncio.get_running_loop().run_in_executor(self.executor, _warm_up, self.backend)
+        limits = self.config.limits
+        period = min(0.5, limits.receive_timeout / 4, limits.stream_idle_timeout / 4)
+        self._expiry = asyncio.ensure_future(self.servicer.expire(period))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
@@ -200,6 +204,8 @@ class DistillServer:
             )
             log.warning("grace period over: dropping %d call(s) in flight", dropped)
         await stopping
+        if self._expiry is not None:
+            self._expiry.cancel()
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.metrics.close()
 

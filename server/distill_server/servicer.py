@@ -7,7 +7,8 @@ unary call, has reserved what the read can buffer from the byte budget of
 while it waits for its next step, so streams are bounded by their count,
 their message limit and their timeouts instead.) Large computations run in a thread pool so the event loop
 keeps accepting calls, and stop at their next block when the call is
-cancelled, times out or is dropped by a drain. Every call passes through
+cancelled, times out or is dropped by a drain; waits on the client are
+timed by one sweep over the calls (:meth:`DistillServicer.expire`). Every call passes through
 :meth:`DistillServicer._call`, the one place that admits it, counts it
 (metrics), logs a failure and translates a DistillError into a rich status.
 The gRPC context is read only while its call is known to be alive.
@@ -53,7 +54,7 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["DistillService"].full_name
 
 log = logging.getLogger(__name__)
 
-_DROPPED = "dropped by a drain"
+_DROPPED = "dropped by the server"
 """The message of the cancellation :meth:`_Call.drop` sends its task."""
 
 INLINE_BYTES = 64 * 1024
@@ -80,6 +81,7 @@ class DistillServicer:
         copying = (READ_COPIES - 1) * limits.max_message_bytes  # the message gRPC is copying, one at a time
         self.budget = Budget(limits.inflight_bytes - copying, "--max-inflight-mb", metrics.inflight_bytes.set)
         self._calls: set[_Call] = set()
+        self.closing: str | None = None
         self.info = pb.GetServerInfoResponse(
             version=__version__,
             device=backend.device,
@@ -192,7 +194,7 @@ class DistillServicer:
             response = await call.run(step, payload)
         except DistillError as error:
             if error is call.dropped:
-                raise  # the stream is over (dropped by a drain), not the step
+                raise  # the stream is over (dropped: a drain, a timeout), not the step
             self.metrics.stream_steps.labels(error.code.name).inc()
             log_failure("StreamLosses", error, call.peer, f" step={step_id}")
             return pb.StreamLossesResponse(step_id=step_id, error=to_rich_status(error)).SerializeToString()
@@ -214,13 +216,25 @@ class DistillServicer:
             )
         return response
 
+    async def expire(self, period: float) -> None:
+        """Every ``period`` seconds, end the calls that have waited on their
+        client past their timeout with DEADLINE_EXCEEDED (runs until cancelled)."""
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for call in list(self._calls):
+                if call.waiting is not None and call.waiting[0] < now:
+                    call.drop(DeadlineExceeded(call.waiting[1]))
+
     def abandon(self, message: str) -> int:
         """End every call in flight with UNAVAILABLE and ``message``, whatever
         it waits for (its message, room in the budget, a worker, its next
-        step, the client taking its answer) or computes; returns how many."""
-        for call in self._calls:
+        step) or computes, except one sending its answer; returns how many."""
+        self.closing = message  # what a call that finishes its answer meets next
+        dropped = [call for call in self._calls if not call.answering]  # an answer on its way is let through
+        for call in dropped:
             call.drop(Unavailable(message))
-        return len(self._calls)
+        return len(dropped)
 
     # ------------------------------------------------------------ the machinery
 
@@ -238,7 +252,7 @@ class DistillServicer:
             except asyncio.CancelledError as cancel:
                 if call.dropped is None or cancel.args != (_DROPPED,):  # the client went away
                     raise
-                raise call.dropped from None  # cancelled by a drain: answer why
+                raise call.dropped from None  # dropped by the server (a drain, a timeout): answer why
         except DistillError as error:
             code = error.code.name
             log_failure(rpc, error, call.peer)
@@ -298,6 +312,8 @@ class _Call:
         self.steps = 0
         self.dropped: DistillError | None = None
         self._task = asyncio.current_task()
+        self.waiting: tuple[float, str] | None = None
+        self.answering = False
         self._work: Work | None = None
         self._reservation: Reservation | None = None
 
@@ -317,14 +333,14 @@ class _Call:
         and once the budget (if any) holds the most the read can buffer."""
         limits = self.servicer.limits
         self._check_dropped()
+        if self.servicer.closing is not None:
+            raise Unavailable(self.servicer.closing)
         if self.budget is not None:
             self.close()  # the previous message is answered
             self._reservation = await self.budget.reserve(limits.max_message_bytes, limits.receive_timeout)
-        try:
+        with self._waiting(timeout, f"no complete message arrived within {timeout:g} s ({flag})"):
             # context.read(), not the request iterator: its suspended generator keeps the last message alive.
-            message = await asyncio.wait_for(self.context.read(), timeout)
-        except TimeoutError:
-            raise DeadlineExceeded(f"no complete message arrived within {timeout:g} s ({flag})") from None
+            message = await self.context.read()
         payload = None if message is grpc.aio.EOF else message
         if self._reservation is not None:
             self._reservation.shrink(0 if payload is None else len(payload))
@@ -333,8 +349,8 @@ class _Call:
         return payload
 
     def _check_dropped(self) -> None:
-        """Raise the drain's error, should its cancellation have been lost
-        (a wait that finished as it came)."""
+        """Raise the error the call was dropped with, should its cancellation
+        have been lost (a wait that finished as it came)."""
         if self.dropped is not None:
             raise self.dropped
 
@@ -354,10 +370,23 @@ class _Call:
         if self._reservation is not None:
             self._reservation.shrink(len(response))
         timeout = self.servicer.limits.receive_timeout
+        self.answering = True
         try:
-            await asyncio.wait_for(self.context.write(response), timeout)
-        except TimeoutError:
-            raise DeadlineExceeded(f"the answer was not taken within {timeout:g} s (--receive-timeout)") from None
+            with self._waiting(timeout, f"the answer was not taken within {timeout:g} s (--receive-timeout)"):
+                await self.context.write(response)
+        finally:
+            self.answering = False
+
+    @contextlib.contextmanager
+    def _waiting(self, timeout: float, why: str) -> Iterator[None]:
+        """Mark a wait on the client that :meth:`DistillServicer.expire`
+        ends with DEADLINE_EXCEEDED after ``timeout`` seconds (one sweep for
+        every call is cheaper than a timer for every read and write)."""
+        self.waiting = (time.monotonic() + timeout, why)
+        try:
+            yield
+        finally:
+            self.waiting = None
 
     async def run(self, method: Callable[[bytes], bytes], payload: bytes) -> bytes:
         """``method(payload)``: on the event loop when small, else in the pool,
