@@ -1,17 +1,20 @@
 """The DistillService methods: receive -> decode and check -> engine -> encode.
 
-Every method is registered with a streaming request side, so the server
-decides when a message is read: only once the call holds a slot and, for a
-unary call, has reserved what the read can buffer from the byte budget of
-:mod:`distill_server.admission`. (A stream would hold such a reservation
-while it waits for its next step, so streams are bounded by their count,
-their message limit and their timeouts instead.) Large computations run in a thread pool so the event loop
-keeps accepting calls, and stop at their next block when the call is
-cancelled, times out or is dropped by a drain; waits on the client are
-timed by one sweep over the calls (:meth:`DistillServicer.expire`). Every call passes through
-:meth:`DistillServicer._call`, the one place that admits it, counts it
-(metrics), logs a failure and translates a DistillError into a rich status.
-The gRPC context is read only while its call is known to be alive.
+Every method is registered as streaming on both sides, so the server
+decides when a message is read and when an answer is sent: a unary call
+reads its request only once it holds a slot and has reserved what the read
+can buffer from the byte budget of :mod:`distill_server.admission`, and
+keeps both until the client has taken its answer. (A stream would hold a
+reservation while it waits for its next step, so streams are bounded by
+their count, their message limit and their timeouts instead.) Large
+computations run in a thread pool so the event loop keeps accepting calls;
+they stop at their next block when their call is cancelled or dropped. A
+call is dropped by a drain, or when it has waited on its client past its
+timeout, which one sweep over the calls checks (:meth:`DistillServicer.expire`).
+Every call passes through :meth:`DistillServicer._call`, the one place that
+admits it, counts it (metrics), logs a failure and translates a
+DistillError into a rich status. The gRPC context is read only while its
+call is known to be alive.
 """
 
 from __future__ import annotations
@@ -258,7 +261,7 @@ class DistillServicer:
             log_failure(rpc, error, call.peer)
             await context.abort_with_status(to_status(error))
         except BaseException as exc:  # the client went away, or an abort
-            code = "CANCELLED" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else "UNKNOWN"
+            code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "UNKNOWN"
             raise
         finally:
             self._calls.discard(call)
