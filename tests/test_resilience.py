@@ -210,10 +210,12 @@ def test_unauthenticated_calls_are_refused_without_reading_them(start_server: ty
 
 class StallingProxy:
     """A loopback TCP proxy that forwards ``limit`` bytes of each upload, then
-    stops reading it (a client gone silent mid-message); answers flow freely."""
+    stops reading it (a client gone silent mid-message); answers flow freely,
+    or up to ``download`` bytes (a client that stops taking its answers)."""
 
-    def __init__(self, target_port: int, limit: int) -> None:
+    def __init__(self, target_port: int, limit: int | None, download: int | None = None) -> None:
         self.limit = limit
+        self.download = download
         self.target_port = target_port
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -229,7 +231,7 @@ class StallingProxy:
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             self.sockets += [client, upstream]
             threading.Thread(target=self._pipe, args=(client, upstream, self.limit), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, self.download), daemon=True).start()
 
     @staticmethod
     def _pipe(source: socket.socket, sink: socket.socket, limit: int | None) -> None:
@@ -280,6 +282,41 @@ def test_stalled_uploads_hold_at_most_the_budget_and_time_out(start_server: type
     # windows of the calls waiting for it; without the budget, 20 x 24 MiB = 480 MiB.
     assert peak < 256 + 64, peak
     alive(proc)
+
+
+def test_answers_not_taken_are_dropped_after_the_receive_timeout(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu", "--receive-timeout", "2", "--metrics-port", "0"])
+    proxy = StallingProxy(proc.port, None, download=1 << 20)  # the 32 MB gradient never gets through
+    channel = grpc.insecure_channel(f"127.0.0.1:{proxy.port}", options=[("grpc.max_receive_message_length", 64 * MIB)])
+    x = np.ones(8 * MIB, np.float32)
+    payload = wire.build(
+        pb.ComputeTotalLossRequest(
+            layers=[pb.Layer(weight=1.0, loss=DistilLoss.mse().to_proto())], return_gradients=True
+        ),
+        teachers=[x],
+        students=[x * 0],
+    )
+    call = channel.unary_unary(SERVICE + "ComputeTotalLoss").future(payload)
+    try:
+        proc.wait_for_lines("the answer was not taken within 2 s (--receive-timeout)", 1)
+        # The call is over on the server: its reservation is back.
+        metrics = scrape(proc)
+        assert metrics["distill_inflight_bytes"] == 0.0
+        assert metrics['distill_requests_total{code="DEADLINE_EXCEEDED",rpc="ComputeTotalLoss"}'] == 1.0
+    finally:
+        proxy.close()
+        call.cancel()
+        channel.close()
+    alive(proc)
+
+
+def test_a_call_without_a_request_is_invalid_argument(server: ServerProcess) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        for rpc in ("ComputeLayerLoss", "ComputeTotalLoss", "GetServerInfo"):
+            with pytest.raises(grpc.RpcError) as info:
+                list(channel.stream_stream(SERVICE + rpc)(iter([]), timeout=10))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (rpc, info.value)
+            assert "without a request message" in (info.value.details() or "")
 
 
 def test_budget_bounds_memory_of_concurrent_large_calls(start_server: type[ServerProcess]) -> None:
