@@ -33,8 +33,8 @@ soak: $(STAMP)
 	DISTILL_SOAK=1 $(BIN)/python -m pytest tests/test_soak.py $(ARGS)
 
 check: $(STAMP)
-	$(BIN)/ruff check client/distill_client server tests bench scripts examples
-	$(BIN)/ruff format --check client/distill_client server tests bench scripts examples
+	$(BIN)/ruff check core/distill_core client/distill_client server tests bench scripts examples
+	$(BIN)/ruff format --check core/distill_core client/distill_client server tests bench scripts examples
 	$(BIN)/mypy
 
 protos: $(STAMP)
@@ -44,4 +44,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_loopback.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info client/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

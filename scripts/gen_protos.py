@@ -1,4 +1,4 @@
-"""Generate the Python code of the proto contract into client/distill/v1/.
+"""Generate the Python code of the proto contract into core/distill/v1/.
 
 The generated modules are committed; `make protos` reruns this, and
 tests/test_protos.py fails when the committed code is stale.
@@ -41,4 +41,4 @@ def generate(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "client")
+    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "core")

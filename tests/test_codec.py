@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from distill.v1 import distill_pb2 as pb
-from distill_client import InvalidArgument, tensors
+from distill_client import InvalidArgument
+from distill_core import tensors
 
 WIRE = {
     pb.DTYPE_FLOAT32: np.float32,

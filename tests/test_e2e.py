@@ -24,9 +24,9 @@ from distill_client import (
     Reduction,
     RemoteFeatureDistiller,
     ShapeMismatch,
-    tensors,
 )
-from distill_client.errors import DistillError, from_rpc_error
+from distill_core import tensors
+from distill_core.errors import DistillError, from_rpc_error
 from tests import seed
 from tests.conftest import ServerProcess
 from tests.reference import ALL_LOSSES, reference

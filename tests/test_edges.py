@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from distill_client import DistilLoss, RemoteFeatureDistiller
-from distill_client.errors import LossOverflow
-from distill_client.losses import LossKind, Reduction
+from distill_core.errors import LossOverflow
+from distill_core.losses import LossKind, Reduction
 from distill_server import backend, engine
 from distill_server.engine import Layer
 from tests import seed

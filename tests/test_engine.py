@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from distill_client import DistilLoss
-from distill_client.errors import (
+from distill_core.errors import (
     DimensionMismatch,
     DistillError,
     LayerIndexOutOfRange,

@@ -11,8 +11,8 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from distill_client import errors
-from distill_client.errors import DistillError, error_classes, from_rpc_error, from_status
+from distill_core import errors
+from distill_core.errors import DistillError, error_classes, from_rpc_error, from_status
 from distill_server.status import to_status
 
 _ERROR_TO_RAISE: dict[str, DistillError] = {}

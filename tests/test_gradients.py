@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from distill_client import DistilLoss, ShapeMismatch
-from distill_client.losses import LossKind, Reduction
+from distill_core.losses import LossKind, Reduction
 from distill_server import engine
 from distill_server.engine import Layer
 from tests.reference import reference

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from distill_server import server as server_module
+from distill_server.config import ServerConfig
 from tests.conftest import ServerProcess
 
 
@@ -64,7 +65,7 @@ def test_not_serving_until_warm(monkeypatch: pytest.MonkeyPatch) -> None:
     thread.start()
 
     async def create() -> server_module.DistillServer:
-        return server_module.DistillServer(server_module.ServerConfig(port=0, device="cpu"))
+        return server_module.DistillServer(ServerConfig(port=0, device="cpu"))
 
     server = asyncio.run_coroutine_threadsafe(create(), loop).result(30)
     started = asyncio.run_coroutine_threadsafe(server.start(), loop)

@@ -9,7 +9,7 @@ from google.protobuf import descriptor_pb2
 
 from scripts.gen_protos import PROTO, PROTO_ROOT, ROOT, generate, protoc
 
-GENERATED = ROOT / "client" / "distill" / "v1"
+GENERATED = ROOT / "core" / "distill" / "v1"
 
 
 def test_generated_code_is_current(tmp_path: Path) -> None:

@@ -24,8 +24,9 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from distill.v1 import distill_pb2 as pb
-from distill_client import DistillClient, DistilLoss, LimitExceeded, MessageTooLarge, Reduction, wire
-from distill_client.errors import DeadlineExceeded, Unavailable, from_rich_status
+from distill_client import DistillClient, DistilLoss, LimitExceeded, MessageTooLarge, Reduction
+from distill_core import wire
+from distill_core.errors import DeadlineExceeded, Unavailable, from_rich_status
 from distill_server.admission import Budget, Work
 from tests.conftest import ServerProcess
 from tests.test_metrics import scrape

@@ -19,9 +19,9 @@ from distill_client import (
     Reduction,
     RemoteFeatureDistiller,
     Unavailable,
-    wire,
 )
-from distill_client.errors import Cancelled, DistillError, from_rpc_error
+from distill_core import wire
+from distill_core.errors import Cancelled, DistillError, from_rpc_error
 from tests.conftest import ServerProcess
 from tests.reference import reference
 

@@ -21,7 +21,7 @@ import pytest
 
 from distill_client import DistillClient, DistilLoss
 from distill_server import supervisor
-from distill_server.server import ServerConfig
+from distill_server.config import ServerConfig
 from distill_server.supervisor import RestartPolicy, Supervisor
 from tests.conftest import ServerProcess
 

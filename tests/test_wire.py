@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from distill.v1 import distill_pb2 as pb
-from distill_client import DistilLoss, InvalidArgument, tensors, wire
-from distill_client.wire import _varint
+from distill_client import DistilLoss, InvalidArgument
+from distill_core import tensors, wire
+from distill_core.wire import _varint
 
 LAYERS = [pb.Layer(weight=0.5, loss=DistilLoss.kl_divergence(2.0).to_proto(), name="conv1")]
 

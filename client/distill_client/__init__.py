@@ -17,7 +17,8 @@ from distill_client.client import (
     TotalLoss,
 )
 from distill_client.distiller import RemoteFeatureDistiller
-from distill_client.errors import (
+from distill_client.stream import StepResult, StreamSession
+from distill_core.errors import (
     Cancelled,
     DeadlineExceeded,
     DimensionMismatch,
@@ -39,8 +40,7 @@ from distill_client.errors import (
     Unavailable,
     Unimplemented,
 )
-from distill_client.losses import DistilLoss, LayerLoss, LossKind, Reduction
-from distill_client.stream import StepResult, StreamSession
+from distill_core.losses import DistilLoss, LayerLoss, LossKind, Reduction
 
 try:
     __version__ = version("distill-service")

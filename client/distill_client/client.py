@@ -11,15 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.message import Message
 
 from distill.v1 import distill_pb2 as pb
-from distill.v1 import distill_pb2_grpc as pb_grpc
-from distill_client import wire
 from distill_client._closing import Closing
-from distill_client.errors import from_rpc_error
-from distill_client.losses import DistilLoss, LayerLoss, LossKind
 from distill_client.stream import StreamSession
+from distill_core import rpc, wire
+from distill_core.errors import from_rpc_error
+from distill_core.losses import DistilLoss, LayerLoss, LossKind
+from distill_core.rpc import SERVICE_NAME
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -43,13 +42,6 @@ DEFAULT_TIMEOUT = 300.0
 
 LayerSpec = tuple[float, DistilLoss]
 """A layer as the reference holds it: ``(weight, loss)``."""
-
-
-SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["DistillService"].full_name
-
-
-def _method(name: str) -> str:
-    return f"/{SERVICE_NAME}/{name}"
 
 
 def _read(path: str | os.PathLike[str] | None) -> bytes | None:
@@ -193,7 +185,7 @@ class DistillClient(Closing):
     calls, so a rolling restart of servers started with ``--drain-delay``
     costs no call.
 
-    Every method raises a :class:`~distill_client.errors.DistillError`
+    Every method raises a :class:`~distill_core.errors.DistillError`
     subclass on failure.
     """
 
@@ -232,23 +224,23 @@ class DistillClient(Closing):
             self._channel = grpc.insecure_channel(self.target, options=channel_options)
         else:
             self._channel = grpc.secure_channel(self.target, credentials, options=channel_options)
-        self._stub = pb_grpc.DistillServiceStub(self._channel)
-        # The loss methods send requests framed by distill_client.wire.
-        self._layer_loss = self._channel.unary_unary(
-            _method("ComputeLayerLoss"), response_deserializer=pb.ComputeLayerLossResponse.FromString
-        )
-        self._total_loss = self._channel.unary_unary(
-            _method("ComputeTotalLoss"), response_deserializer=pb.ComputeTotalLossResponse.FromString
-        )
+        # Requests go out serialized: the loss methods' framed by distill_core.wire.
+        self._layer_loss = self._unary(rpc.COMPUTE_LAYER_LOSS)
+        self._total_loss = self._unary(rpc.COMPUTE_TOTAL_LOSS)
+        self._server_info = self._unary(rpc.GET_SERVER_INFO)
         self._stream_losses = self._channel.stream_stream(
-            _method("StreamLosses"), response_deserializer=pb.StreamLossesResponse.FromString
+            rpc.STREAM_LOSSES.path, response_deserializer=rpc.STREAM_LOSSES.response.FromString
         )
+
+    def _unary(self, method: rpc.Rpc) -> grpc.UnaryUnaryMultiCallable:
+        """A callable of ``method`` that sends serialized requests."""
+        return self._channel.unary_unary(method.path, response_deserializer=method.response.FromString)
 
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
         self._channel.close()
 
-    def _call(self, method: Any, request: Message | bytes, timeout: float | None) -> Any:
+    def _call(self, method: Any, request: bytes, timeout: float | None) -> Any:
         """Make one call; every gRPC error becomes its DistillError here."""
         try:
             return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
@@ -324,7 +316,9 @@ class DistillClient(Closing):
 
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         """What the server offers: version, device, dtypes, loss kinds, limits."""
-        response: pb.GetServerInfoResponse = self._call(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout)
+        response: pb.GetServerInfoResponse = self._call(
+            self._server_info, pb.GetServerInfoRequest().SerializeToString(), timeout
+        )
         return ServerInfo(
             version=response.version,
             device=response.device,

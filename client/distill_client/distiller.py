@@ -7,8 +7,8 @@ from typing import Any
 
 from distill_client._closing import Closing
 from distill_client.client import DistillClient, LayerSpec
-from distill_client.losses import DistilLoss
 from distill_client.stream import StreamSession
+from distill_core.losses import DistilLoss
 
 __all__ = ["RemoteFeatureDistiller"]
 
@@ -85,7 +85,7 @@ class RemoteFeatureDistiller(Closing):
         Raises:
             LayerIndexOutOfRange: (a DimensionMismatch) for an index >= n_layers.
             EmptyInput, TeacherStudentMismatch, NonFiniteInput, ...: see
-                :mod:`distill_client.errors`.
+                :mod:`distill_core.errors`.
         """
         return self.client.compute_layer_loss(self.layers, layer_index, teacher, student).weighted_loss
 

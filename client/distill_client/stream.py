@@ -10,10 +10,10 @@ from typing import Any
 import grpc
 
 from distill.v1 import distill_pb2 as pb
-from distill_client import wire
 from distill_client._closing import Closing
-from distill_client.errors import Unavailable, from_rich_status, from_rpc_error
-from distill_client.losses import LayerLoss
+from distill_core import wire
+from distill_core.errors import Unavailable, from_rich_status, from_rpc_error
+from distill_core.losses import LayerLoss
 
 __all__ = ["StepResult", "StreamSession"]
 
@@ -34,7 +34,7 @@ class StreamSession(Closing):
 
     Made by :meth:`DistillClient.stream`. :meth:`step` sends a step and
     returns its answer; a step the server rejects raises its
-    :class:`~distill_client.errors.DistillError` and the session goes on.
+    :class:`~distill_core.errors.DistillError` and the session goes on.
     Use it as a context manager, or call :meth:`close`: closing ends the
     stream and frees the server's side of it at once. Not thread-safe: one
     session per training loop.

@@ -22,7 +22,7 @@ import collections
 import threading
 from collections.abc import Callable
 
-from distill_client.errors import DistillError, LimitExceeded
+from distill_core.errors import DistillError, LimitExceeded
 
 __all__ = ["READ_COPIES", "Budget", "Reservation", "Work"]
 

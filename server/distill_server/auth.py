@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from distill_client.errors import Unauthenticated
+from distill_core.errors import Unauthenticated
 from distill_server.status import to_status
 
 __all__ = ["OPEN_PREFIXES", "BearerTokenInterceptor"]

@@ -16,9 +16,9 @@ from typing import Any
 
 from distill_server import __version__
 from distill_server.backend import BackendError
-from distill_server.server import DistillServer, ServerConfig
+from distill_server.config import Limits, ServerConfig
+from distill_server.server import DistillServer
 from distill_server.supervisor import supervise
-from distill_server.validation import Limits
 
 __all__ = ["JsonFormatter", "main", "parse_args", "serve"]
 
@@ -95,6 +95,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
         defaults.drain_delay_seconds,
         "seconds the server keeps serving, health NOT_SERVING, after SIGTERM/SIGINT (rolling restarts)",
         type=_seconds,
+    )
+    parser.flag(
+        "--max-connection-age",
+        defaults.max_connection_age_seconds,
+        "seconds after which a client connection is asked to reconnect (GOAWAY), so clients "
+        "balancing over DNS find new replicas; calls in flight finish",
+        type=_positive_float,
     )
     parser.flag(
         "--max-message-mb",
@@ -180,6 +187,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
         ),
         grace_seconds=args.grace,
         drain_delay_seconds=args.drain_delay,
+        max_connection_age_seconds=args.max_connection_age,
         metrics_port=args.metrics_port,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from distill_client.errors import DistillError, InvalidArgument
+from distill_core.errors import DistillError, InvalidArgument
 from distill_server.status import to_status
 
 __all__ = ["DecodingInterceptor"]

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from distill_client.errors import (
+from distill_core.errors import (
     DimensionMismatch,
     EmptyInput,
     LayerIndexOutOfRange,
@@ -47,7 +47,7 @@ from distill_client.errors import (
     ShapeMismatch,
     TeacherStudentMismatch,
 )
-from distill_client.losses import DistilLoss, LayerLoss, LossKind, Reduction
+from distill_core.losses import DistilLoss, LayerLoss, LossKind, Reduction
 from distill_server.backend import array_module, block_size
 
 __all__ = [

@@ -9,60 +9,30 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from distill_client.errors import DistillError
-from distill_client.losses import DistilLoss
+from distill_core.errors import DistillError
+from distill_core.losses import DistilLoss
+from distill_core.rpc import SERVICE_NAME
 from distill_server import backend as backends
 from distill_server import engine
 from distill_server.auth import BearerTokenInterceptor
+from distill_server.config import ServerConfig, format_address
 from distill_server.decoding import DecodingInterceptor
 from distill_server.metrics import Metrics
-from distill_server.servicer import SERVICE_NAME, DistillServicer, add_to_server, log_failure
-from distill_server.validation import Limits
+from distill_server.servicer import DistillServicer, add_to_server, log_failure
 
-__all__ = ["DistillServer", "ServerConfig", "format_address"]
+__all__ = ["DistillServer"]
 
 log = logging.getLogger(__name__)
 
 _CANCEL_MARGIN = 0.5
 """Seconds between dropping the computations left at the end of the grace
 period (they answer UNAVAILABLE) and gRPC cancelling what is still open."""
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Everything the server is started with (the CLI's flags)."""
-
-    host: str = "127.0.0.1"
-    port: int = 50051
-    device: str = "auto"
-    workers: int = 4
-    limits: Limits = field(default_factory=Limits)
-    grace_seconds: float = 10.0
-    drain_delay_seconds: float = 0.0
-    metrics_port: int | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    auth_token: str | None = field(default=None, repr=False)
-    reuse_port: bool = False
-
-    @property
-    def address(self) -> str:
-        """``host:port`` to bind (IPv6 hosts bracketed)."""
-        return format_address(self.host, self.port)
-
-
-def format_address(host: str, port: int) -> str:
-    """``host:port``, with an IPv6 host in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _Health(health.aio.HealthServicer):  # type: ignore[misc]
@@ -85,6 +55,15 @@ def _warm_up(backend: backends.Backend) -> None:
     with backend.activate():
         for loss in losses:
             engine.evaluate(loss, x, x[::-1].copy(), 1.0)
+
+
+def _connection_age(seconds: float | None) -> list[tuple[str, int]]:
+    """gRPC's option to send GOAWAY to connections older than ``seconds``
+    (plus or minus 10%, so clients do not reconnect at once). Clients then
+    connect anew, re-resolving their target: behind a headless Service they
+    find replicas added since. Calls in flight on the old connection finish
+    (no ``max_connection_age_grace``): a stream may last a whole training run."""
+    return [] if seconds is None else [("grpc.max_connection_age_ms", max(1, round(seconds * 1000)))]
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -140,6 +119,7 @@ class DistillServer:
                 # asked to read (16 MB a call, measured). Without it a call holds at most the 64 KiB initial
                 # window until its read starts, and a read still opens the window to its whole message.
                 ("grpc.http2.bdp_probe", 0),
+                *_connection_age(config.max_connection_age_seconds),
             ],
         )
         self.servicer = DistillServicer(self.backend, self.executor, limits, self.metrics)

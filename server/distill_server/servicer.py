@@ -32,8 +32,8 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from distill.v1 import distill_pb2 as pb
-from distill_client import tensors, wire
-from distill_client.errors import (
+from distill_core import tensors, wire
+from distill_core.errors import (
     Cancelled,
     DeadlineExceeded,
     DistillError,
@@ -43,17 +43,16 @@ from distill_client.errors import (
     MessageTooLarge,
     Unavailable,
 )
-from distill_client.losses import LossKind
+from distill_core.losses import LossKind
+from distill_core.rpc import RPCS, SERVICE_NAME
 from distill_server import __version__, engine, validation
 from distill_server.admission import READ_COPIES, Budget, Reservation, Work
 from distill_server.backend import Backend
+from distill_server.config import Limits
 from distill_server.metrics import Metrics
 from distill_server.status import bounded, to_rich_status, to_status
-from distill_server.validation import Limits
 
-__all__ = ["SERVICE_NAME", "DistillServicer", "add_to_server", "log_failure"]
-
-SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["DistillService"].full_name
+__all__ = ["DistillServicer", "add_to_server", "log_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ thread costs more (about 0.1 ms here) than their whole computation."""
 class DistillServicer:
     """Computes losses on ``backend``, large ones in ``executor``'s threads.
 
-    The loss methods take the serialized request: :mod:`distill_client.wire`
+    The loss methods take the serialized request: :mod:`distill_core.wire`
     splits it so that tensors are views on the received bytes, and frames the
     response so that gradients are copied once. Unary calls and streams have
     their own concurrency limits, so neither can starve the other.
@@ -159,7 +158,7 @@ class DistillServicer:
         return total, [self._encode(r, s.dtype) for r, s in zip(results, students, strict=True)]
 
     def _count_elements(self, rpc: str, arrays: Sequence[np.ndarray]) -> None:
-        self.metrics.elements.labels(rpc).inc(self.limits.check_elements(arrays))
+        self.metrics.elements.labels(rpc).inc(validation.elements(arrays, self.limits))
 
     def _on_device(self, arrays: list[np.ndarray]) -> list[Any]:
         return [self.backend.to_device(array) for array in arrays]
@@ -438,11 +437,8 @@ def log_failure(rpc: str, error: DistillError, peer: str, extra: str = "") -> No
 def add_to_server(servicer: DistillServicer, server: grpc.aio.Server) -> None:
     """Register the servicer's methods. Each reads its requests and writes
     its answers itself (a streaming handler on both sides, whatever the
-    RPC's shape), as serialized messages (framed by :mod:`distill_client.wire`)."""
+    RPC's shape), as serialized messages (framed by :mod:`distill_core.wire`)."""
     handler = grpc.stream_stream_rpc_method_handler
-    handlers = {
-        name: handler(getattr(servicer, name))
-        for name in ("ComputeLayerLoss", "ComputeTotalLoss", "StreamLosses", "GetServerInfo")
-    }
+    handlers = {name: handler(getattr(servicer, name)) for name in RPCS}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

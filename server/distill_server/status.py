@@ -12,7 +12,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from distill_client.errors import DOMAIN, DistillError
+from distill_core.errors import DOMAIN, DistillError
 
 __all__ = ["MAX_TEXT_CHARS", "bounded", "to_rich_status", "to_status"]
 

@@ -50,7 +50,7 @@ from multiprocessing.context import SpawnProcess
 from types import FrameType
 
 from distill_server import __version__
-from distill_server.server import ServerConfig, format_address
+from distill_server.config import ServerConfig, format_address
 
 __all__ = ["CANNOT_START", "RestartPolicy", "Supervisor", "supervise"]
 

@@ -9,81 +9,39 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy.typing as npt
 
 from distill.v1 import distill_pb2 as pb
-from distill_client import tensors
-from distill_client.errors import InvalidArgument, LimitExceeded
-from distill_client.losses import DistilLoss
-from distill_client.wire import TensorView
-from distill_server.admission import READ_COPIES
+from distill_core import tensors
+from distill_core.errors import InvalidArgument, LimitExceeded
+from distill_core.losses import DistilLoss
+from distill_core.wire import TensorView
+from distill_server.config import Limits
 from distill_server.engine import Layer
 
-__all__ = ["MAX_NAME_CHARS", "Limits", "layer_index", "layers", "tensor", "tensor_list"]
+__all__ = ["MAX_NAME_CHARS", "elements", "layer_index", "layers", "tensor", "tensor_list"]
 
 MAX_NAME_CHARS = 256
 """Longest layer name: names are echoed in every answer and error."""
 
-_MIB = 1024 * 1024
 
+def elements(arrays: Sequence[npt.NDArray[Any]], limits: Limits) -> int:
+    """The request's element count, if within ``--max-elements``.
 
-@dataclass(frozen=True)
-class Limits:
-    """What calls may ask of the server (the ``--max-*`` and timeout flags).
-
-    ``max_inflight_bytes`` bounds the bytes of unary calls in flight (being
-    received, computed or answered); None means ``max(2 GiB, 12 x
-    max_message_bytes)``, room to receive ten largest messages at once and
-    copy one (see :mod:`distill_server.admission`).
+    Raises:
+        LimitExceeded: more elements than ``--max-elements``.
     """
-
-    max_message_bytes: int = 256 * _MIB
-    max_layers: int = 1024
-    max_elements: int = 1 << 28
-    max_concurrent_calls: int = 64
-    max_concurrent_streams: int = 16
-    max_streams_per_connection: int = 100
-    max_inflight_bytes: int | None = None
-    receive_timeout: float = 30.0
-    stream_idle_timeout: float = 300.0
-
-    @property
-    def inflight_bytes(self) -> int:
-        """``max_inflight_bytes`` with its default resolved."""
-        if self.max_inflight_bytes is not None:
-            return self.max_inflight_bytes
-        return max(2048 * _MIB, 4 * READ_COPIES * self.max_message_bytes)
-
-    def check(self) -> None:
-        """Raises ValueError when the limits cannot serve a largest message."""
-        needed = READ_COPIES * self.max_message_bytes
-        if self.inflight_bytes < needed:
-            raise ValueError(
-                f"--max-inflight-mb {self.inflight_bytes // _MIB} cannot receive a largest message: gRPC holds "
-                f"{READ_COPIES} copies of it while it hands it over, so at least {needed // _MIB}"
-            )
-        for name in ("receive_timeout", "stream_idle_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected > 0")
-
-    def check_elements(self, arrays: Sequence[npt.NDArray[Any]]) -> int:
-        """The request's element count, if within ``max_elements``.
-
-        Raises:
-            LimitExceeded: more elements than ``--max-elements``.
-        """
-        elements = sum(int(array.size) for array in arrays)
-        if elements > self.max_elements:
-            raise LimitExceeded(
-                f"the request holds {elements} tensor elements; this server takes at most "
-                f"{self.max_elements} (--max-elements)",
-                limit=self.max_elements,
-                got=elements,
-            )
-        return elements
+    count = sum(int(array.size) for array in arrays)
+    if count > limits.max_elements:
+        raise LimitExceeded(
+            f"the request holds {count} tensor elements; this server takes at most "
+            f"{limits.max_elements} (--max-elements)",
+            limit=limits.max_elements,
+            got=count,
+        )
+    return count
 
 
 def layers(messages: Sequence[pb.Layer], limits: Limits) -> list[Layer]:

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from distill.v1 import distill_pb2 as pb
-from distill_client.errors import InvalidArgument
+from distill_core.errors import InvalidArgument
 
 __all__ = ["DTYPES", "MAX_RANK", "TensorLike", "decode", "encode", "to_array", "to_wire"]
 
@@ -76,7 +76,7 @@ def encode(value: Any) -> pb.Tensor:
 
 
 class TensorLike(Protocol):
-    """A Tensor message, or a view of one (:class:`distill_client.wire.TensorView`)."""
+    """A Tensor message, or a view of one (:class:`distill_core.wire.TensorView`)."""
 
     @property
     def dtype(self) -> int: ...

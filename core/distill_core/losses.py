@@ -10,8 +10,8 @@ from typing import Any
 import numpy.typing as npt
 
 from distill.v1 import distill_pb2 as pb
-from distill_client import tensors
-from distill_client.errors import InvalidArgument
+from distill_core import tensors
+from distill_core.errors import InvalidArgument
 
 __all__ = ["DistilLoss", "LayerLoss", "LossKind", "Reduction"]
 

@@ -30,8 +30,8 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from distill.v1 import distill_pb2 as pb
-from distill_client.errors import InvalidArgument, LimitExceeded
-from distill_client.tensors import MAX_RANK, to_wire
+from distill_core.errors import InvalidArgument, LimitExceeded
+from distill_core.tensors import MAX_RANK, to_wire
 
 __all__ = ["Framed", "TensorView", "build", "frame", "split"]
 
