@@ -181,11 +181,9 @@ class LayerLoss:
     gradient: npt.NDArray[Any] | None = field(default=None, repr=False, compare=False)
 
     def to_proto(self) -> pb.LayerLoss:
-        """The LayerLoss message of this result."""
-        message = pb.LayerLoss(layer_index=self.index, name=self.name, loss=self.loss, weighted_loss=self.weighted_loss)
-        if self.gradient is not None:
-            message.student_gradient.CopyFrom(tensors.encode(self.gradient))
-        return message
+        """The LayerLoss message of this result, without its gradient: the
+        server frames gradients itself (:func:`distill_core.wire.frame`)."""
+        return pb.LayerLoss(layer_index=self.index, name=self.name, loss=self.loss, weighted_loss=self.weighted_loss)
 
     @classmethod
     def from_proto(cls, message: pb.LayerLoss) -> LayerLoss:

@@ -1,6 +1,21 @@
-"""DistillService server: knowledge-distillation losses on a GPU or the CPU."""
+"""DistillService server: knowledge-distillation losses on a GPU or the CPU.
+
+Installed with the ``server`` extra (``pip install "distill-service[server]"``);
+a plain install is the client only.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
+
+try:
+    import grpc_health  # noqa: F401
+    import grpc_reflection  # noqa: F401
+    import prometheus_client  # noqa: F401
+except ImportError as exc:  # the client-only install
+    raise ImportError(
+        f'the DistillService server needs the "server" extra: pip install "distill-service[server]" '
+        f"({exc.name} is not installed)",
+        name=exc.name,
+    ) from exc
 
 try:
     __version__ = version("distill-service")

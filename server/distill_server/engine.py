@@ -62,7 +62,9 @@ __all__ = [
 ]
 
 MIN_TEMPERATURE = 1e-6
-"""Temperatures are floored here, as in the reference."""
+"""Temperatures below this are computed at it, as in the reference. (A
+``DistilLoss`` holds a finite temperature > 0; the reference floors 0 and
+negative ones too.)"""
 
 _NORM_FLOOR = 1e-12
 """Floor of the cosine denominator ``|t| |s|``, as in the reference."""
