@@ -1,8 +1,28 @@
-"""Deployment files: Kubernetes manifests against the Kubernetes schemas,
-the compose file and the Dockerfile checked for what matters."""
+"""Deployment files, checked for what they mean.
+
+- Kubernetes: every kustomize target under deploy/k8s is rendered with
+  ``kubectl kustomize``; each object is validated against the Kubernetes
+  schemas and the rendered Deployment, PodDisruptionBudget, autoscaler and
+  Service are checked against each other and against the server (its flags
+  parse the container's environment; its memory budget fits the limit).
+- The Dockerfile is parsed into stages and instructions.
+- ``distill-probe``, the image's health check, runs against real servers
+  (in-process) with the environment a container would give it.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,84 +30,652 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from distill_server import probe
+from distill_server.admission import READ_COPIES
+from distill_server.cli import parse_args
+from distill_server.config import ServerConfig
+from distill_server.metrics import Metrics
+from distill_server.server import DistillServer
+from tests.certs import Authority
+
 ROOT = Path(__file__).resolve().parent.parent
-MANIFESTS = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+K8S = ROOT / "deploy" / "k8s"
+MIB = 1024 * 1024
+
+# Every kustomize target, and what each must contain.
+TARGETS = ["base", "overlays/gpu", "overlays/gpu-auth", "overlays/gpu-auth-tls"]
+GPU = {"overlays/gpu", "overlays/gpu-auth", "overlays/gpu-auth-tls"}
+AUTH = {"overlays/gpu-auth", "overlays/gpu-auth-tls"}
+TLS = {"overlays/gpu-auth-tls"}
+
+PROCESS_MARGIN_MIB = 1024
+"""Memory for the server process itself, beyond what its limits let calls
+hold (deploy/k8s/base/deployment.yaml explains the sum)."""
 
 
-def load(path: Path) -> Any:
-    return yaml.safe_load(path.read_text())
+# Rendering.
 
 
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_manifests_match_the_kubernetes_schemas(path: Path) -> None:
-    kubernetes_validate.validate(load(path), kubernetes_validate.latest_version(), strict=True)
-
-
-def test_deployment_requests_a_gpu_and_probes_grpc_health() -> None:
-    deployment = load(ROOT / "deploy" / "k8s" / "deployment.yaml")
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert {"cpu", "memory"} <= set(container["resources"]["limits"])
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == 50051
-    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert ports == {"grpc": 50051, "metrics": 9090}
-    mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
-    assert container["securityContext"]["readOnlyRootFilesystem"] and "/tmp" in mounts  # CuPy's cache
-
-
-def flag(container: dict[str, Any], name: str) -> float:
-    """A server flag's value in a container: its args, else its ``DISTILL_*`` env."""
-    args = container.get("args", [])
-    if name in args:
-        return float(args[args.index(name) + 1])
-    env = {e["name"]: e.get("value") for e in container.get("env", [])}
-    return float(env["DISTILL_" + name.lstrip("-").upper().replace("-", "_")])
-
-
-def test_deployment_drains_before_it_stops() -> None:
-    """The kubelet waits for the drain delay, then the grace, then the exit,
-    before it kills the pod."""
-    pod = load(ROOT / "deploy" / "k8s" / "deployment.yaml")["spec"]["template"]["spec"]
-    container = pod["containers"][0]
-    drain, grace = flag(container, "--drain-delay"), flag(container, "--grace")
-    assert drain >= 1  # clients and endpoints have time to leave the replica
-    assert pod["terminationGracePeriodSeconds"] >= drain + grace + 5
-    assert "preStop" not in container.get("lifecycle", {})  # --drain-delay is the preStop sleep
-
-
-def test_service_is_headless_for_client_side_balancing() -> None:
-    service = load(ROOT / "deploy" / "k8s" / "service.yaml")
-    assert service["spec"]["clusterIP"] == "None"
-    assert (
-        service["spec"]["selector"]
-        == load(ROOT / "deploy" / "k8s" / "deployment.yaml")["spec"]["selector"]["matchLabels"]
+@functools.cache
+def render(target: str) -> tuple[dict[str, Any], ...]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: its built-in kustomize renders deploy/k8s")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(K8S / target)], capture_output=True, text=True, timeout=120, check=False
     )
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 
 
-def test_autoscaler_targets_the_deployment() -> None:
-    hpa = load(ROOT / "deploy" / "k8s" / "hpa.yaml")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "distill"}
-    assert hpa["spec"]["minReplicas"] >= 2
+@pytest.fixture(params=TARGETS)
+def target(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def one(objects: tuple[dict[str, Any], ...], kind: str) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind]
+    assert len(found) == 1, f"{len(found)} {kind} objects"
+    return found[0]
+
+
+def pod_spec(target: str) -> dict[str, Any]:
+    spec: dict[str, Any] = one(render(target), "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def container(target: str) -> dict[str, Any]:
+    containers = pod_spec(target)["containers"]
+    assert [c["name"] for c in containers] == ["distill"]
+    return dict(containers[0])
+
+
+def env(target: str) -> dict[str, str]:
+    entries = container(target).get("env", [])
+    assert all("value" in e for e in entries), "settings are plain values (secrets come as files)"
+    return {e["name"]: e["value"] for e in entries}
+
+
+def quantity(text: str | int) -> int:
+    """A Kubernetes quantity in bytes (or units): 10Gi, 512Mi, 1G, 4."""
+    match = re.fullmatch(r"(\d+)([KMGT]i?)?", str(text))
+    assert match, text
+    number, suffix = int(match.group(1)), match.group(2) or ""
+    power = "KMGT".index(suffix[0]) + 1 if suffix else 0
+    return number * (1024 if suffix.endswith("i") else 1000) ** power
+
+
+def mounted_secret(target: str, path: str) -> dict[str, Any]:
+    """The Secret volume a file of the container comes from."""
+    volumes = {v["name"]: v for v in pod_spec(target).get("volumes", [])}
+    for mount in container(target).get("volumeMounts", []):
+        if path.startswith(mount["mountPath"].rstrip("/") + "/"):
+            volume = volumes[mount["name"]]
+            assert "secret" in volume, f"{path} is not from a Secret"
+            return dict(volume["secret"])
+    raise AssertionError(f"{path} is on no volume")
+
+
+@pytest.fixture
+def server_config(target: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[ServerConfig, Any]:
+    """The server's configuration, parsed by its own CLI from the container's
+    environment (over the image's), with a stand-in for the token file."""
+    for name in list(os.environ):
+        if name.startswith("DISTILL_"):
+            monkeypatch.delenv(name)
+    for name, value in {**dockerfile_env(), **env(target)}.items():
+        if name == "DISTILL_AUTH_TOKEN_FILE":
+            value = str(tmp_path / "token")
+            Path(value).write_text("token\n")
+        if name.startswith("DISTILL_"):  # not the image's PATH
+            monkeypatch.setenv(name, value)
+    return parse_args([])
+
+
+# The rendered objects.
+
+
+def test_every_target_and_component_is_rendered() -> None:
+    kinds = {
+        p.parent.relative_to(K8S).as_posix(): yaml.safe_load(p.read_text())["kind"]
+        for p in K8S.rglob("kustomization.yaml")
+    }
+    assert sorted(d for d, k in kinds.items() if k == "Kustomization") == sorted(TARGETS)
+    components = {(K8S / d).resolve() for d, k in kinds.items() if k == "Component"}
+    used = {
+        (K8S / t / c).resolve()
+        for t in TARGETS
+        for c in yaml.safe_load((K8S / t / "kustomization.yaml").read_text()).get("components", [])
+    }
+    assert components == used and len(components) == 3
+
+
+def test_rendered_objects_match_the_kubernetes_schemas(target: str) -> None:
+    objects = render(target)
+    assert {o["kind"] for o in objects} == {
+        "Namespace",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+    }
+    for obj in objects:
+        kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_image_comes_from_a_registry_at_the_project_version(target: str) -> None:
+    image = container(target)["image"]
+    repository, _, tag = image.rpartition(":")
+    registry = repository.split("/")[0]
+    assert "/" in repository and ("." in registry or registry == "localhost"), f"{image}: no registry"
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert version and tag == version.group(1), f"{image}: not the project's version"
+    assert container(target)["imagePullPolicy"] == "IfNotPresent"
+
+
+def test_pods_meet_the_restricted_pod_security_standard(target: str) -> None:
+    objects = render(target)
+    namespace = one(objects, "Namespace")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"} == {
+        namespace["metadata"]["name"]
+    }
+    pod = pod_spec(target)
+    security = pod["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
+    assert security["seccompProfile"]["type"] == "RuntimeDefault"
+    assert not any(pod.get(key) for key in ("hostNetwork", "hostPID", "hostIPC"))
+    assert all(set(v) & {"emptyDir", "secret"} for v in pod["volumes"]), "only emptyDir and Secret volumes"
+    assert pod["automountServiceAccountToken"] is False
+    for c in pod["containers"] + pod.get("initContainers", []):
+        context = c["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False
+        assert context.get("privileged", False) is False
+        assert context["readOnlyRootFilesystem"] is True
+        assert context["capabilities"]["drop"] == ["ALL"] and not context["capabilities"].get("add")
+        assert "seccompProfile" not in context or context["seccompProfile"]["type"] == "RuntimeDefault"
+        assert not any(p.get("hostPort") for p in c.get("ports", []))
+
+
+def test_tmp_is_a_disk_volume_for_cupy(target: str) -> None:
+    mounts = {m["mountPath"]: m["name"] for m in container(target)["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(target)["volumes"]}
+    tmp = volumes[mounts["/tmp"]]["emptyDir"]
+    assert tmp.get("medium") != "Memory"  # tmpfs would count against the memory limit
+    assert {**dockerfile_env(), **env(target)}["CUPY_CACHE_DIR"].startswith("/tmp/")
+
+
+def test_every_setting_is_a_server_flag(target: str, server_config: tuple[ServerConfig, Any]) -> None:
+    _, args = server_config
+    for name in env(target):
+        if not name.startswith("DISTILL_PROBE_"):  # distill-probe's own
+            assert hasattr(args, name.removeprefix("DISTILL_").lower()), f"{name}: the server has no such flag"
+
+
+def test_probes_check_grpc_health_on_the_served_port(target: str, server_config: tuple[ServerConfig, Any]) -> None:
+    config, _ = server_config
+    c = container(target)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc": config.port, "metrics": config.metrics_port}
+    for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe_spec = c[name]
+        if target in TLS:  # the kubelet's gRPC probe has no TLS
+            assert "grpc" not in probe_spec and probe_spec["exec"]["command"] == ["distill-probe"]
+            assert probe_spec["timeoutSeconds"] >= 3
+        else:
+            assert probe_spec["grpc"]["port"] == config.port
+
+
+def test_pods_drain_before_they_are_killed(target: str, server_config: tuple[ServerConfig, Any]) -> None:
+    config, _ = server_config
+    assert config.drain_delay_seconds >= 1  # clients and endpoints have time to leave the replica
+    pod = pod_spec(target)
+    assert pod["terminationGracePeriodSeconds"] >= config.drain_delay_seconds + config.grace_seconds + 5
+    assert "preStop" not in container(target).get("lifecycle", {})  # --drain-delay is the preStop sleep
+
+
+def test_connections_age_so_clients_find_new_pods(target: str, server_config: tuple[ServerConfig, Any]) -> None:
+    config, _ = server_config
+    age = config.max_connection_age_seconds
+    assert age is not None and 60 <= age <= 3600
+
+
+def test_memory_limit_covers_what_the_server_may_hold(target: str, server_config: tuple[ServerConfig, Any]) -> None:
+    config, args = server_config
+    limits = config.limits
+    message = limits.max_message_bytes
+    held = (
+        limits.inflight_bytes  # unary calls
+        + 2 * message * config.workers  # computing: a request's gradients and answer per worker
+        + READ_COPIES * message * limits.max_concurrent_streams  # a step per stream, while gRPC copies it
+    ) * args.processes + PROCESS_MARGIN_MIB * MIB
+    resources = container(target)["resources"]
+    limit = quantity(resources["limits"]["memory"])
+    assert limit >= held, f"{limit // MIB} MiB < {held // MIB} MiB"
+    assert quantity(resources["requests"]["memory"]) == limit
+    assert message == 256 * MIB  # DistillClient's default (test_compose_agrees_with_the_client)
+
+
+def test_service_is_headless_for_client_side_balancing(target: str, server_config: tuple[ServerConfig, Any]) -> None:
+    objects = render(target)
+    service, deployment = one(objects, "Service"), one(objects, "Deployment")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
+    assert grpc_port["targetPort"] == "grpc" and grpc_port["port"] == server_config[0].port
+
+
+def test_disruption_budget_lets_one_pod_go_at_a_time(target: str) -> None:
+    objects = render(target)
+    pdb, deployment, hpa = (one(objects, k) for k in ("PodDisruptionBudget", "Deployment", "HorizontalPodAutoscaler"))
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selector = pdb["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= labels.items() and selector == deployment["spec"]["selector"]["matchLabels"]
+    fewest = min(deployment["spec"]["replicas"], hpa["spec"]["minReplicas"])
+    assert fewest >= 2
+    if "maxUnavailable" in pdb["spec"]:
+        assert 1 <= pdb["spec"]["maxUnavailable"] < fewest
+    else:
+        assert pdb["spec"]["minAvailable"] < fewest
+
+
+def adapter_rule() -> dict[str, Any]:
+    """The Prometheus adapter rule written in the autoscaler's comment."""
+    lines = (K8S / "base" / "horizontalpodautoscaler.yaml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("#   - seriesQuery:"))
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#   "):
+            break
+        block.append(line[4:])
+    rule: dict[str, Any] = yaml.safe_load("\n".join(block))[0]
+    return rule
+
+
+def test_autoscaler_follows_calls_in_flight(target: str) -> None:
+    objects = render(target)
+    hpa = one(objects, "HorizontalPodAutoscaler")
+    deployment = one(objects, "Deployment")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    [metric] = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"  # not CPU: on a GPU the host CPU does not follow the work
+    assert metric["pods"]["target"]["type"] == "AverageValue"
+    name = metric["pods"]["metric"]["name"]
+    # The adapter rule in the comment serves a gauge of the server under that name.
+    rule = adapter_rule()
+    assert rule["name"]["as"] == name
+    series = rule["seriesQuery"].split("{")[0].strip("'")
+    gauges = {m.name for m in Metrics("cpu", "test").registry.collect() if m.type == "gauge"}
+    assert series in gauges and re.fullmatch(rule["name"]["matches"], series)
+    assert series == "distill_requests_in_flight"  # calls being served, not bytes held
+
+
+def test_secrets_are_required_and_auth_only_where_configured(target: str) -> None:
+    volumes = pod_spec(target)["volumes"]
+    assert all(v["secret"].get("optional") is not True for v in volumes if "secret" in v)
+    settings = env(target)
+    assert "DISTILL_AUTH_TOKEN" not in settings  # a token in the manifest, or one from an optional Secret
+    if target in AUTH:
+        secret = mounted_secret(target, settings["DISTILL_AUTH_TOKEN_FILE"])
+        assert secret["secretName"] == "distill-auth" and secret.get("optional") is False
+    else:
+        assert "DISTILL_AUTH_TOKEN_FILE" not in settings
+
+
+def test_gpu_variants_get_a_gpu_node(target: str) -> None:
+    pod, c, settings = pod_spec(target), container(target), env(target)
+    if target in GPU:
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert c["resources"]["requests"]["nvidia.com/gpu"] == 1
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        assert pod["nodeSelector"]
+        assert settings["DISTILL_DEVICE"] == "cuda"  # no silent fall-back to the CPU
+    else:
+        assert "nvidia.com/gpu" not in c["resources"]["limits"] and "tolerations" not in pod
+        assert settings["DISTILL_DEVICE"] == "cpu"
+
+
+def test_tls_variant_serves_its_secret(target: str) -> None:
+    settings = env(target)
+    if target not in TLS:
+        assert not any(name.startswith(("DISTILL_TLS_", "DISTILL_PROBE_TLS_")) for name in settings)
+        return
+    for name in ("DISTILL_TLS_CERT", "DISTILL_TLS_KEY", "DISTILL_PROBE_TLS_CA"):
+        secret = mounted_secret(target, settings[name])
+        assert secret["secretName"] == "distill-tls" and secret.get("optional") is False
+
+
+# The compose file.
 
 
 def test_compose_file() -> None:
-    service = load(ROOT / "docker-compose.yml")["services"]["distill"]
-    assert "50051:50051" in service["ports"]
-    assert service["healthcheck"]["test"][1] == "distill-probe"
+    service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["distill"]
+    assert service["ports"] == ["127.0.0.1:50051:50051", "127.0.0.1:9090:9090"]  # this host only
+    assert service["healthcheck"]["test"] == ["CMD", "distill-probe"]  # it follows DISTILL_PORT and TLS
     assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert service["read_only"] is True and service["tmpfs"] == ["/tmp"] and service["cap_drop"] == ["ALL"]
     environment = service["environment"]
     drain, grace = float(environment["DISTILL_DRAIN_DELAY"]), float(environment["DISTILL_GRACE"])
     stop_grace = service["stop_grace_period"]
     assert stop_grace.endswith("s") and float(stop_grace[:-1]) >= drain + grace + 5
 
 
-def test_dockerfile_is_multi_stage_non_root_and_health_checked() -> None:
-    text = (ROOT / "Dockerfile").read_text()
-    assert text.count("\nFROM ") + text.startswith("FROM ") >= 2
-    assert "COPY --from=build" in text
-    assert "USER 10001" in text and "EXPOSE 50051" in text
-    assert "HEALTHCHECK" in text and "distill-probe" in text
-    assert "DISTILL_HOST=0.0.0.0" in text and "DISTILL_DEVICE=auto" in text
-    assert 'ENTRYPOINT ["distill-server"]' in text  # flags would override DISTILL_* set at run time
-    assert "CUPY_CACHE_DIR=/tmp/cupy" in text
+def test_compose_agrees_with_the_client_on_the_message_limit() -> None:
+    from distill_client.client import DEFAULT_MAX_MESSAGE_BYTES
+
+    environment = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["distill"]["environment"]
+    assert int(environment["DISTILL_MAX_MESSAGE_MB"]) * MIB == DEFAULT_MAX_MESSAGE_BYTES
+
+
+# The Dockerfile.
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    args: str
+
+    def exec_form(self) -> list[str]:
+        value = json.loads(self.args)
+        assert isinstance(value, list) and all(isinstance(v, str) for v in value), self
+        return value
+
+
+@dataclass(frozen=True)
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[Instruction]
+    args: dict[str, str]
+    """ARGs in scope, with their values: a global ARG is seen in a stage only
+    where the stage declares it again."""
+
+    def all(self, keyword: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.keyword == keyword]
+
+    def expand(self, text: str) -> str:
+        return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: self.args.get(m[1] or m[2], m[0]), text)
+
+    def runs(self) -> list[list[str]]:
+        """Each command of each RUN (split on &&), as words."""
+        commands: list[list[str]] = [[]]
+        for run in self.all("RUN"):
+            for word in shlex.split(self.expand(run.args)):
+                if word == "&&":
+                    commands.append([])
+                else:
+                    commands[-1].append(word)
+            commands.append([])
+        return [c for c in commands if c]
+
+
+def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
+    """The global ARGs and the stages: instruction lines joined across
+    backslash continuations, comments dropped."""
+    instructions, pending = [], ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        keyword, _, args = (pending + stripped).partition(" ")
+        instructions.append(Instruction(keyword.upper(), args.strip()))
+        pending = ""
+    assert not pending, "a continuation runs off the end"
+    global_args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for instruction in instructions:
+        if instruction.keyword == "ARG":
+            name, _, default = instruction.args.partition("=")
+            if not stages:
+                global_args[name] = default
+            else:
+                stages[-1].args[name] = default or global_args.get(name, "")
+        elif instruction.keyword == "FROM":
+            words = instruction.args.split()
+            image = re.sub(r"\$\{(\w+)\}", lambda m: global_args[m[1]], words[0])
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(image, name, [], {}))
+        else:
+            assert stages, f"{instruction.keyword} before FROM"
+            stages[-1].instructions.append(instruction)
+    return global_args, stages
+
+
+@functools.cache
+def dockerfile() -> tuple[dict[str, str], list[Stage]]:
+    return parse_dockerfile((ROOT / "Dockerfile").read_text())
+
+
+def dockerfile_env() -> dict[str, str]:
+    """The final image's ENV."""
+    found: dict[str, str] = {}
+    for instruction in dockerfile()[1][-1].all("ENV"):
+        for word in shlex.split(instruction.args):
+            name, _, value = word.partition("=")
+            found[name] = value
+    return found
+
+
+def test_dockerfile_parser_joins_continuations_and_scopes_args() -> None:
+    global_args, stages = parse_dockerfile(
+        "ARG V=1\nARG IMAGE=img:2\n# comment\nFROM ${IMAGE} AS one\nARG V\n"
+        "RUN a \\\n    && b $V\nFROM scratch\nRUN c $V\n"
+    )
+    assert global_args == {"V": "1", "IMAGE": "img:2"}
+    assert [(s.base, s.name) for s in stages] == [("img:2", "one"), ("scratch", None)]
+    assert stages[0].runs() == [["a"], ["b", "1"]]
+    assert stages[1].runs() == [["c", "$V"]]  # not declared in that stage: not expanded, as Docker does
+
+
+def test_dockerfile_is_multi_stage_on_cuda_and_runs_as_a_user() -> None:
+    _, stages = dockerfile()
+    build, final = stages[0], stages[-1]
+    assert len(stages) >= 2 and build.name == "build"
+    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-runtime-ubuntu\d+\.\d+", final.base)
+    user = final.all("USER")[-1].args
+    assert all(part.isdigit() for part in user.split(":")) and int(user.split(":")[0]) != 0, user
+    environment = dockerfile_env()
+    assert environment["DISTILL_HOST"] == "0.0.0.0" and environment["DISTILL_DEVICE"] == "auto"
+    assert environment["CUPY_CACHE_DIR"].startswith("/tmp/")  # the only writable path in Kubernetes
+    exposed = {int(port) for e in final.all("EXPOSE") for port in e.args.split()}
+    assert exposed == {int(environment["DISTILL_PORT"]), int(environment["DISTILL_METRICS_PORT"])}
+
+
+def test_dockerfile_starts_the_server_and_checks_it_with_the_probe() -> None:
+    final = dockerfile()[1][-1]
+    assert final.all("ENTRYPOINT")[-1].exec_form() == ["distill-server"]  # flags append to it
+    assert not final.all("CMD")
+    words = final.all("HEALTHCHECK")[-1].args.split(" CMD ", 1)
+    assert all(option.startswith("--") for option in words[0].split())
+    # Exec form, no flags: the probe itself reads DISTILL_PORT and DISTILL_TLS_* at run time.
+    assert Instruction("CMD", words[1]).exec_form() == ["distill-probe"]
+
+
+def test_dockerfile_installs_the_gpu_extra_with_a_pinned_cupy() -> None:
+    global_args, stages = dockerfile()
+    build, final = stages[0], stages[-1]
+    copied = {word for c in build.all("COPY") for word in c.args.split()[:-1]}
+    assert {"pyproject.toml", "README.md", "core", "client", "server"} <= {w.rstrip("/") for w in copied}
+    assert all((ROOT / w).exists() for w in copied)
+    # The constraint file is written once, from the ARG, in the build stage.
+    [echo] = [c for c in build.runs() if c[0] == "echo"]
+    assert echo[2] == ">"
+    constraints = echo[3]
+    assert re.fullmatch(r"cupy-cuda12x==\d+\.\d+\.\d+", echo[1]), echo
+    assert echo[1] == f"cupy-cuda12x=={global_args['CUPY_VERSION']}"
+
+    def pip(stage: Stage, verb: str) -> list[str]:
+        [command] = [c for c in stage.runs() if c[:2] == ["pip", verb]]
+        assert command[command.index("--constraint") + 1] == constraints
+        return command
+
+    assert ".[gpu]" in pip(build, "wheel")
+    assert "distill-service[gpu]" in pip(final, "install")
+    assert f"--from=build {constraints} {constraints}" in [c.args for c in final.all("COPY")]
+
+
+# The probe, against real servers.
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+@pytest.fixture
+def serve(loop: asyncio.AbstractEventLoop) -> Iterator[Callable[[ServerConfig], int]]:
+    """Start in-process servers (SERVING when this returns their port); all stop afterwards."""
+    started: list[DistillServer] = []
+
+    def start(config: ServerConfig) -> int:
+        async def create() -> DistillServer:
+            return DistillServer(config)
+
+        server = asyncio.run_coroutine_threadsafe(create(), loop).result(30)
+        started.append(server)
+        asyncio.run_coroutine_threadsafe(server.start(), loop).result(60)
+        return server.port
+
+    yield start
+    for server in started:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in list(os.environ):
+        if name.startswith("DISTILL_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    directory = tmp_path_factory.mktemp("pki")
+    ca, other = Authority(directory, "ca"), Authority(directory, "other-ca")
+    return {
+        "ca": ca.pair,
+        "other-ca": other.pair,
+        "server": ca.issue("server", server=True),  # names 127.0.0.1 and localhost
+        "client": ca.issue("client", server=False),
+        "dual": ca.issue("dual", server=True, client=True, names=("127.0.0.1",)),
+        "service": ca.issue("service", server=True, names=("distill.distill.svc",)),
+        "authority": ca,
+    }
+
+
+def test_probe_follows_distill_port(
+    serve: Callable[[ServerConfig], int], clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = serve(ServerConfig(port=0, device="cpu"))
+    clean_env.setenv("DISTILL_PORT", str(port))
+    clean_env.setenv("DISTILL_HOST", "0.0.0.0")  # the image's: all addresses, so the probe dials 127.0.0.1
+    assert probe.main([]) == 0
+    assert f"127.0.0.1:{port}: SERVING" in capsys.readouterr().out
+    assert probe.main(["--target", "127.0.0.1:1", "--timeout", "2"]) == 1  # the flag wins
+    clean_env.setenv("DISTILL_PORT", "1")  # nothing listens there
+    assert probe.main(["--timeout", "2"]) == 1
+    assert "127.0.0.1:1: UNAVAILABLE" in capsys.readouterr().err
+    assert probe.main(["--target", f"127.0.0.1:{port}"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("settings", "target"),
+    [
+        ({}, "127.0.0.1:50051"),
+        ({"DISTILL_HOST": "0.0.0.0", "DISTILL_PORT": "6000"}, "127.0.0.1:6000"),
+        ({"DISTILL_HOST": "::"}, "127.0.0.1:50051"),  # all addresses, IPv4 too
+        ({"DISTILL_HOST": "10.1.2.3", "DISTILL_PORT": "6000"}, "10.1.2.3:6000"),  # one address: that one
+        ({"DISTILL_HOST": "fd00::1"}, "[fd00::1]:50051"),
+    ],
+)
+def test_probe_dials_the_address_the_server_binds(settings: dict[str, str], target: str) -> None:
+    assert probe._default_target(settings) == target
+
+
+def test_probe_follows_the_servers_tls_settings(
+    serve: Callable[[ServerConfig], int], clean_env: pytest.MonkeyPatch, pki: dict[str, Any]
+) -> None:
+    server = pki["server"]
+    port = serve(ServerConfig(port=0, device="cpu", tls_cert=server.cert, tls_key=server.key))
+    # What the container has: the server's own settings, nothing for the probe.
+    clean_env.setenv("DISTILL_PORT", str(port))
+    clean_env.setenv("DISTILL_TLS_CERT", str(server.cert))
+    clean_env.setenv("DISTILL_TLS_KEY", str(server.key))
+    assert probe.main([]) == 0  # TLS, trusting the server's own certificate
+    assert probe.main(["--plaintext", "--timeout", "2"]) == 1  # the flag wins: plaintext cannot talk to it
+    clean_env.setenv("DISTILL_PROBE_TLS_CA", str(pki["other-ca"].cert))
+    assert probe.main(["--timeout", "2"]) == 1  # that CA, not the certificate, is trusted now
+    assert probe.main(["--tls-ca", str(pki["ca"].cert)]) == 0
+    clean_env.setenv("DISTILL_PROBE_TLS_CA", str(pki["ca"].cert))
+    assert probe.main([]) == 0
+    clean_env.setenv("DISTILL_PROBE_TLS_SERVER_NAME", "elsewhere.example")
+    assert probe.main(["--timeout", "2"]) == 1  # the name is checked against the certificate's
+    assert probe.main(["--tls-server-name", "localhost"]) == 0
+    clean_env.setenv("DISTILL_PROBE_TLS_SERVER_NAME", "localhost")
+    assert probe.main([]) == 0
+
+
+def test_probe_presents_a_client_certificate_to_a_mutual_tls_server(
+    serve: Callable[[ServerConfig], int], clean_env: pytest.MonkeyPatch, pki: dict[str, Any]
+) -> None:
+    ca, dual = pki["ca"], pki["dual"]
+    port = serve(ServerConfig(port=0, device="cpu", tls_cert=dual.cert, tls_key=dual.key, tls_client_ca=ca.cert))
+    clean_env.setenv("DISTILL_PORT", str(port))
+    clean_env.setenv("DISTILL_TLS_CERT", str(dual.cert))
+    clean_env.setenv("DISTILL_TLS_KEY", str(dual.key))
+    assert probe.main(["--timeout", "2"]) == 1  # the server wants a client certificate
+    clean_env.setenv("DISTILL_TLS_CLIENT_CA", str(ca.cert))
+    assert probe.main([]) == 0  # the server's own pair, good for client authentication too
+    client = pki["client"]
+    clean_env.setenv("DISTILL_PROBE_TLS_CERT", str(client.cert))
+    clean_env.setenv("DISTILL_PROBE_TLS_KEY", str(client.key))
+    assert probe.main([]) == 0
+    stranger = Authority(ca.cert.parent, "stranger-ca").issue(
+        "stranger", server=True, client=True, names=("127.0.0.1",)
+    )
+    assert probe.main(["--tls-cert", str(stranger.cert), "--tls-key", str(stranger.key), "--timeout", "2"]) == 1
+
+
+def test_tls_variant_serves_and_probes_as_rendered(
+    serve: Callable[[ServerConfig], int], clean_env: pytest.MonkeyPatch, pki: dict[str, Any], tmp_path: Path
+) -> None:
+    """The TLS variant's container, on this machine: its Secret's files in a
+    directory, the server configured by its environment, the probe by the
+    same environment (with the port the server was given)."""
+    target = sorted(TLS)[0]
+    secret = tmp_path / "tls"
+    secret.mkdir()
+    service = pki["service"]  # names only distill.distill.svc, as a cert-manager Certificate would
+    for name, source in (("tls.crt", service.cert), ("tls.key", service.key), ("ca.crt", pki["ca"].cert)):
+        (secret / name).write_bytes(source.read_bytes())
+    mount = next(m["mountPath"] for m in container(target)["volumeMounts"] if m["name"] == "tls")
+    settings = {**dockerfile_env(), **env(target)}
+    for name, value in settings.items():
+        if name == "DISTILL_AUTH_TOKEN_FILE":
+            value = str(tmp_path / "token")
+            Path(value).write_text("token\n")
+        if name.startswith("DISTILL_"):  # not the image's PATH
+            clean_env.setenv(name, value.replace(mount, str(secret)))
+    for name, value in {"DISTILL_HOST": "127.0.0.1", "DISTILL_PORT": "0", "DISTILL_DEVICE": "cpu"}.items():
+        clean_env.setenv(name, value)
+    clean_env.delenv("DISTILL_METRICS_PORT")
+    config, _ = parse_args([])
+    assert config.tls_cert == secret / "tls.crt" and config.auth_token == "token"
+    clean_env.setenv("DISTILL_PORT", str(serve(config)))
+    assert probe.main([]) == 0
+    clean_env.delenv("DISTILL_PROBE_TLS_SERVER_NAME")
+    assert probe.main(["--timeout", "2"]) == 1  # 127.0.0.1 is not in the certificate: the name is what made it pass
