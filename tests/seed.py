@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from distill_client import DistilLoss, LossKind
+from distill_client import DistilLoss
 
 PATH = Path(__file__).parent / "data" / "seed_vectors.json"
 
@@ -71,33 +70,26 @@ def tolerance(reference: float, spec: dict[str, Any], weight: float = 1.0) -> fl
     return RTOL * abs(reference) + abs(weight) * atol
 
 
-def engine_loss(spec: dict[str, Any]) -> DistilLoss:
-    """The case's loss, built without the client's parameter checks.
+REFERENCE_MIN_TEMPERATURE = 1e-6
+"""The reference computes KL at ``max(tau, 1e-6)``."""
 
-    The reference accepts temperatures <= 0 (floored at 1e-6); the engine
-    must too, while the wire rejects them.
+
+def loss(spec: dict[str, Any]) -> DistilLoss:
+    """The loss the reference computed a case with.
+
+    The reference takes any temperature and floors it at 1e-6; the service
+    rejects temperatures <= 0 (docs/semantics.md). A case with such a
+    temperature is the reference's value at the floor, so it is built there.
     """
     kind = spec["kind"]
     if kind == "mse":
         return DistilLoss.mse()
     if kind == "cosine":
         return DistilLoss.cosine()
-    loss = object.__new__(DistilLoss)
-    params = {
-        "kind": LossKind.KL_DIVERGENCE if kind == "kl_divergence" else LossKind.COMBINED,
-        "temperature": spec["temperature"],
-        "kl_weight": spec.get("kl_weight", 0.0),
-        "mse_weight": spec.get("mse_weight", 0.0),
-    }
-    for name, value in params.items():
-        object.__setattr__(loss, name, value)
-    return loss
-
-
-def wire_accepts(spec: dict[str, Any]) -> bool:
-    """Whether the service accepts this loss (temperatures must be > 0)."""
-    tau = spec.get("temperature")
-    return tau is None or (math.isfinite(tau) and tau > 0)
+    tau = max(spec["temperature"], REFERENCE_MIN_TEMPERATURE)
+    if kind == "kl_divergence":
+        return DistilLoss.kl_divergence(tau)
+    return DistilLoss.combined(spec["kl_weight"], spec["mse_weight"], tau)
 
 
 def weights_of(distiller: dict[str, Any]) -> list[float]:

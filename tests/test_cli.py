@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from distill_client import DistillClient, DistilLoss, MessageTooLarge, Unavailable
-from tests.conftest import CUDA, ServerProcess
+from tests.devices import CUDA
 from tests.reference import reference
+from tests.servers import InProcessServer, ServerProcess
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -29,11 +30,12 @@ def test_help_lists_every_flag() -> None:
         assert flag in result.stdout
 
 
-def test_ready_line_names_address_and_device(server: ServerProcess) -> None:
-    assert f"ready on 127.0.0.1:{server.port} (pid {server.process.pid}, device cpu" in server.text()
+def test_ready_line_names_address_and_device(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu"])
+    assert f"ready on 127.0.0.1:{proc.port} (pid {proc.process.pid}, device cpu" in proc.text()
 
 
-def test_busy_port_fails_loudly(server: ServerProcess) -> None:
+def test_busy_port_fails_loudly(server: InProcessServer) -> None:
     result = run_cli("--host", "127.0.0.1", "--port", str(server.port), "--device", "cpu")
     assert result.returncode == 1
     assert f"cannot serve on 127.0.0.1:{server.port}" in result.stderr
@@ -114,7 +116,7 @@ def test_request_over_the_server_limit(start_server: type[ServerProcess]) -> Non
         assert client.server_info().max_message_bytes == 1024 * 1024
 
 
-def test_request_over_the_client_limit(server: ServerProcess) -> None:
+def test_request_over_the_client_limit(server: InProcessServer) -> None:
     big = np.ones(300_000, np.float32)
     with DistillClient(server.target, max_message_bytes=1024 * 1024, timeout=30) as client:
         with pytest.raises(MessageTooLarge) as info:

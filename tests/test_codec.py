@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import ml_dtypes
@@ -89,6 +88,34 @@ def test_decode_errors_name_the_field(message: pb.Tensor, field: str, text: str)
     assert text in info.value.message
 
 
-def test_native_order_is_little_endian() -> None:
-    # The bfloat16 wire type is ml_dtypes' native layout; the wire is little-endian.
-    assert sys.byteorder == "little"
+# 1.0 and -2.0 as each wire dtype's little-endian bytes, written out (not from this host's order).
+LITTLE_ENDIAN = {
+    pb.DTYPE_FLOAT32: bytes.fromhex("0000803f 000000c0"),
+    pb.DTYPE_FLOAT16: bytes.fromhex("003c 00c0"),
+    pb.DTYPE_BFLOAT16: bytes.fromhex("803f 00c0"),
+    pb.DTYPE_FLOAT64: bytes.fromhex("000000000000f03f 00000000000000c0"),
+}
+
+
+@pytest.mark.parametrize("code", LITTLE_ENDIAN, ids=pb.Dtype.Name)
+def test_decode_reads_little_endian_bytes(code: int) -> None:
+    message = pb.Tensor(dtype=code, shape=[2], data=LITTLE_ENDIAN[code])
+    decoded = tensors.decode(message)
+    assert decoded.dtype.type is WIRE[code]  # in whichever byte order reads the bytes as they are
+    assert decoded.astype(np.float64).tolist() == [1.0, -2.0]
+
+
+ORDERS = [
+    pytest.param(code, order, id=f"{pb.Dtype.Name(code)}-{name}")
+    for code in LITTLE_ENDIAN
+    # ml_dtypes' bfloat16 exists in native order only.
+    for order, name in ([("=", "native")] if code == pb.DTYPE_BFLOAT16 else [("<", "little"), (">", "big")])
+]
+
+
+@pytest.mark.parametrize(("code", "order"), ORDERS)
+def test_encode_writes_little_endian_bytes_whatever_the_arrays_order(code: int, order: str) -> None:
+    array = np.array([1.0, -2.0]).astype(np.dtype(WIRE[code]).newbyteorder(order))
+    message = tensors.encode(array)
+    assert message.dtype == code
+    assert message.data == LITTLE_ENDIAN[code]

@@ -1,4 +1,4 @@
-"""RemoteFeatureDistiller's local behaviour: construction, weights, targets."""
+"""RemoteFeatureDistiller's own behaviour: construction, weights, targets, its client."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ from typing import Any
 
 import pytest
 
-from distill_client import DEFAULT_TARGET, DistillClient, DistilLoss, RemoteFeatureDistiller
+from distill_client import DistillClient, DistilLoss, RemoteFeatureDistiller
 from tests import seed
+from tests.servers import InProcessServer
 
 
 def _distiller(spec: dict[str, Any]) -> RemoteFeatureDistiller:
     if spec["ctor"] == "uniform_mse":
         return RemoteFeatureDistiller.uniform_mse(spec["n_layers"], target="127.0.0.1:1")
-    return RemoteFeatureDistiller.with_weights(spec["weights"], seed.engine_loss(spec["loss"]), target="127.0.0.1:1")
+    return RemoteFeatureDistiller.with_weights(spec["weights"], seed.loss(spec["loss"]), target="127.0.0.1:1")
 
 
 WEIGHT_CASES = seed.cases(
@@ -54,7 +55,7 @@ def test_uniform_mse_of_zero_layers_is_empty() -> None:
 def test_target_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DISTILL_TARGET", raising=False)
     with RemoteFeatureDistiller.uniform_mse(1) as d:
-        assert d.client.target == DEFAULT_TARGET == "localhost:50051"
+        assert d.client.target == "localhost:50051"  # the documented default
     monkeypatch.setenv("DISTILL_TARGET", "10.1.2.3:7000")
     with RemoteFeatureDistiller.uniform_mse(1) as d:
         assert d.client.target == "10.1.2.3:7000"
@@ -62,14 +63,23 @@ def test_target_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         assert d.client.target == "h:1"
 
 
-def test_a_given_client_is_used_and_not_closed() -> None:
-    with DistillClient("127.0.0.1:1") as client:
-        d = RemoteFeatureDistiller.uniform_mse(2, client=client)
-        assert d.client is client
-        d.close()
-        assert not d._owns_client
+def test_a_given_client_is_used_and_not_closed(client: DistillClient) -> None:
+    d = RemoteFeatureDistiller.uniform_mse(1, client=client)
+    assert d.client is client
+    assert d.compute_total_loss([[1.0, 3.0]], [[1.0, 1.0]]) == 2.0
+    d.close()
+    # The channel is still open: the same client still computes.
+    assert client.compute_total_loss([(1.0, DistilLoss.mse())], [[1.0, 3.0]], [[1.0, 1.0]]).total == 2.0
     with pytest.raises(ValueError):
         RemoteFeatureDistiller.uniform_mse(2, client=client, target="x:1")
+
+
+def test_a_client_the_distiller_made_is_closed_with_it(server: InProcessServer) -> None:
+    d = RemoteFeatureDistiller.uniform_mse(1, target=server.target)
+    assert d.compute_total_loss([[1.0, 3.0]], [[1.0, 1.0]]) == 2.0
+    d.close()
+    with pytest.raises(ValueError, match="closed channel"):
+        d.client.server_info()
 
 
 def test_loss_reprs_read_like_their_constructors() -> None:

@@ -1,4 +1,4 @@
-"""End to end: a real ``distill-server`` process, driven over loopback gRPC."""
+"""End to end: the real server (in this process), driven over loopback gRPC."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import distill_server
 from distill.v1 import distill_pb2 as pb
 from distill.v1 import distill_pb2_grpc as pb_grpc
 from distill_client import (
@@ -28,18 +29,18 @@ from distill_client import (
 from distill_core import tensors
 from distill_core.errors import DistillError, from_rpc_error
 from tests import seed
-from tests.conftest import ServerProcess
 from tests.reference import ALL_LOSSES, reference
+from tests.servers import InProcessServer
 
 # ---------------------------------------------------------------- seed vectors
 
 
-LOSS_CASES = [c for c in seed.cases("DistilLoss.compute") if seed.wire_accepts(c["loss"])]
+LOSS_CASES = seed.cases("DistilLoss.compute")
 
 
 @pytest.mark.parametrize("case", LOSS_CASES, ids=seed.case_id)
 def test_seed_loss_cases_over_the_wire(client: DistillClient, case: dict[str, Any]) -> None:
-    loss = seed.engine_loss(case["loss"])
+    loss = seed.loss(case["loss"])
     t, s = (seed.vector(case["args"][k]) for k in ("teacher", "student"))
     distiller = RemoteFeatureDistiller([(1.0, loss)], client=client)
     result = case["result"]
@@ -64,7 +65,7 @@ def test_seed_loss_cases_over_the_wire(client: DistillClient, case: dict[str, An
 def test_seed_distiller_cases_over_the_wire(client: DistillClient, case: dict[str, Any]) -> None:
     spec = seed.loss_of(case["distiller"])
     weights = seed.weights_of(case["distiller"])
-    distiller = RemoteFeatureDistiller([(w, seed.engine_loss(spec)) for w in weights], client=client)
+    distiller = RemoteFeatureDistiller([(w, seed.loss(spec)) for w in weights], client=client)
     args = case["args"]
     if case["op"].endswith("compute_layer_loss"):
         call = lambda: distiller.compute_layer_loss(  # noqa: E731
@@ -99,21 +100,25 @@ def test_layer_index_out_of_range_is_out_of_range_and_a_dimension_mismatch(clien
 # ------------------------------------------------------- the seed's unit tests
 
 
-def test_seed_uniform_mse_layer_count(server: ServerProcess) -> None:
+def test_seed_uniform_mse_layer_count(server: InProcessServer) -> None:
     with RemoteFeatureDistiller.uniform_mse(4, target=server.target) as d:
         assert d.n_layers() == 4
-        assert all(w == pytest.approx(0.25, abs=1e-6) for w, _ in d.layers)
+        assert [w for w, _ in d.layers] == [0.25] * 4  # 1 / 4, exact in float64
+        assert all(loss == DistilLoss.mse() for _, loss in d.layers)
 
 
 def test_seed_zero_loss_for_identical_features(client: DistillClient) -> None:
     d = RemoteFeatureDistiller.uniform_mse(2, client=client)
     feat = [1.0, 2.0, 3.0]
-    assert d.compute_total_loss([feat, feat], [feat, feat]) == pytest.approx(0.0, abs=1e-5)
+    assert d.compute_total_loss([feat, feat], [feat, feat]) == 0.0  # every difference is exactly 0
 
 
 def test_seed_positive_loss_for_different_features(client: DistillClient) -> None:
     d = RemoteFeatureDistiller.uniform_mse(1, client=client)
-    assert d.compute_total_loss([[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]]) > 0.0
+    t, s = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]
+    expected = reference(DistilLoss.mse(), np.array(t), np.array(s))  # 2 / 3
+    # Computed in float64 as the reference is: equal to its last bits.
+    assert d.compute_total_loss([t], [s]) == pytest.approx(expected, rel=1e-15)
 
 
 def test_seed_layer_count_mismatch_error(client: DistillClient) -> None:
@@ -132,19 +137,21 @@ def test_seed_layer_index_out_of_range_error(client: DistillClient) -> None:
 def test_seed_normalise_weights(client: DistillClient) -> None:
     d = RemoteFeatureDistiller.with_weights([2.0, 3.0, 5.0], DistilLoss.mse(), client=client)
     d.normalise_weights()
-    assert sum(w for w, _ in d.layers) == pytest.approx(1.0, abs=1e-5)
+    assert [w for w, _ in d.layers] == pytest.approx([0.2, 0.3, 0.5], rel=1e-15)
 
 
 def test_seed_with_weights_constructs_correctly(client: DistillClient) -> None:
     d = RemoteFeatureDistiller.with_weights([0.3, 0.7], DistilLoss.cosine(), client=client)
-    assert d.n_layers() == 2
-    assert d.layers[0][0] == pytest.approx(0.3, abs=1e-6)
-    assert d.layers[1][0] == pytest.approx(0.7, abs=1e-6)
+    assert d.layers == [(0.3, DistilLoss.cosine()), (0.7, DistilLoss.cosine())]
 
 
 def test_seed_kl_feature_distillation(client: DistillClient) -> None:
-    d = RemoteFeatureDistiller.with_weights([1.0], DistilLoss.kl_divergence(2.0), client=client)
-    assert d.compute_total_loss([[0.1, 0.7, 0.2]], [[0.4, 0.4, 0.2]]) >= 0.0
+    loss = DistilLoss.kl_divergence(2.0)
+    d = RemoteFeatureDistiller.with_weights([1.0], loss, client=client)
+    t, s = [0.1, 0.7, 0.2], [0.4, 0.4, 0.2]
+    # The float32 inputs as the server receives them; KL through log-softmax, as the reference.
+    expected = reference(loss, np.float32(t), np.float32(s))
+    assert d.compute_total_loss([t], [s]) == pytest.approx(expected, rel=1e-12)
 
 
 # ------------------------------------------------ kinds, dtypes, shapes, sizes
@@ -233,9 +240,9 @@ def test_server_info(client: DistillClient) -> None:
     info = client.server_info()
     assert info.device == "cpu"
     assert info.supported_dtypes == ["DTYPE_FLOAT32", "DTYPE_FLOAT16", "DTYPE_BFLOAT16", "DTYPE_FLOAT64"]
-    assert info.supported_loss_kinds == list(LossKind)
+    assert info.supported_loss_kinds == [LossKind.MSE, LossKind.COSINE, LossKind.KL_DIVERGENCE, LossKind.COMBINED]
     assert info.max_message_bytes == 256 * 1024 * 1024
-    assert info.version
+    assert info.version == distill_server.__version__
 
 
 def test_dlpack_and_array_interface_inputs(client: DistillClient) -> None:
@@ -268,7 +275,7 @@ def good_tensor() -> pb.Tensor:
     return tensors.encode(np.ones(4, np.float32))
 
 
-def raw_call(server: ServerProcess, request: pb.ComputeTotalLossRequest) -> DistillError:
+def raw_call(server: InProcessServer, request: pb.ComputeTotalLossRequest) -> DistillError:
     with grpc.insecure_channel(server.target) as channel:
         try:
             pb_grpc.DistillServiceStub(channel).ComputeTotalLoss(request, timeout=30)
@@ -364,7 +371,7 @@ def layer(**kwargs: Any) -> pb.Layer:
     ],
 )
 def test_malformed_requests_name_the_field(
-    server: ServerProcess, request_: pb.ComputeTotalLossRequest, field: str, words: str
+    server: InProcessServer, request_: pb.ComputeTotalLossRequest, field: str, words: str
 ) -> None:
     error = raw_call(server, request_)
     assert type(error) is InvalidArgument
@@ -373,7 +380,7 @@ def test_malformed_requests_name_the_field(
     assert words in error.message
 
 
-def test_negative_layer_index(server: ServerProcess) -> None:
+def test_negative_layer_index(server: InProcessServer) -> None:
     request = pb.ComputeLayerLossRequest(layers=[layer()], layer_index=-1, teacher=good_tensor(), student=good_tensor())
     with grpc.insecure_channel(server.target) as channel:
         with pytest.raises(grpc.RpcError) as info:
@@ -442,7 +449,7 @@ def test_per_row_over_the_wire(client: DistillClient, loss: DistilLoss) -> None:
     assert info.value.field == "student.shape" and info.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_unknown_reduction_is_refused(server: ServerProcess) -> None:
+def test_unknown_reduction_is_refused(server: InProcessServer) -> None:
     bad = pb.Layer(weight=1.0, loss=pb.Loss(cosine=pb.Loss.Cosine(), reduction=9))
     error = raw_call(
         server, pb.ComputeTotalLossRequest(layers=[bad], teachers=[good_tensor()], students=[good_tensor()])

@@ -294,10 +294,6 @@ class Counter:
             raise Stop
 
 
-def test_interruptible_is_exported() -> None:
-    assert "interruptible" in engine.__all__
-
-
 def test_a_check_stops_a_large_computation() -> None:
     n = 64 * backend.CPU_BLOCK
     t, s = np.linspace(-1, 1, n, dtype=np.float32), np.linspace(1, -1, n, dtype=np.float32)

@@ -47,7 +47,7 @@ LOSS_CASES = [
 @pytest.mark.parametrize("case", LOSS_CASES, ids=seed.case_id)
 def test_loss_matches_float64_reference(xp: ModuleType, case: dict[str, Any]) -> None:
     t, s = (on(xp, seed.vector(case["args"][k])) for k in ("teacher", "student"))
-    value = engine.loss_value(seed.engine_loss(case["loss"]), t, s)
+    value = engine.loss_value(seed.loss(case["loss"]), t, s)
     assert_close(value, case, case["loss"])
 
 
@@ -57,7 +57,7 @@ ERROR_CASES = [c for c in seed.cases("DistilLoss.compute") if c["result"]["type"
 @pytest.mark.parametrize("case", ERROR_CASES, ids=seed.case_id)
 def test_loss_errors_are_the_seeds(xp: ModuleType, case: dict[str, Any]) -> None:
     t, s = (on(xp, seed.vector(case["args"][k])) for k in ("teacher", "student"))
-    layers = [Layer(1.0, seed.engine_loss(case["loss"]))]
+    layers = [Layer(1.0, seed.loss(case["loss"]))]
     with pytest.raises(DistillError) as info:
         engine.layer_loss(layers, 0, t, s)
     seed.assert_seed_error(info.value, case["result"])
@@ -70,11 +70,11 @@ NON_FINITE_CASES = [c for c in seed.cases("DistilLoss.compute") if c["category"]
 def test_non_finite_seed_inputs_are_an_error(xp: ModuleType, case: dict[str, Any]) -> None:
     t, s = (on(xp, seed.vector(case["args"][k])) for k in ("teacher", "student"))
     with pytest.raises(NonFiniteInput):
-        engine.layer_loss([Layer(1.0, seed.engine_loss(case["loss"]))], 0, t, s)
+        engine.layer_loss([Layer(1.0, seed.loss(case["loss"]))], 0, t, s)
 
 
 def _layers(distiller: dict[str, Any]) -> list[Layer]:
-    loss = seed.engine_loss(seed.loss_of(distiller))
+    loss = seed.loss(seed.loss_of(distiller))
     return [Layer(w, loss) for w in seed.weights_of(distiller)]
 
 
@@ -188,14 +188,18 @@ def test_kl_stays_exact_where_the_seed_clamps() -> None:
     assert engine.loss_value(DistilLoss.kl_divergence(1.0), t, s) == pytest.approx(1000.0, rel=1e-12)
 
 
-def test_temperature_is_floored() -> None:
+def test_temperature_is_floored_as_the_reference_does() -> None:
+    """Temperatures in (0, 1e-6) are computed at 1e-6, as by the reference
+    (which floors 0 and negative ones too; the service rejects those)."""
     t = np.array([0.5, 0.1, -0.2], np.float32)
     s = np.array([0.1, 0.5, -0.2], np.float32)
 
     def kl(tau: float) -> float:
-        return engine.loss_value(seed.engine_loss({"kind": "kl_divergence", "temperature": tau}), t, s)
+        return engine.loss_value(DistilLoss.kl_divergence(tau), t, s)
 
-    assert kl(0.0) == kl(-3.0) == kl(engine.MIN_TEMPERATURE)
+    floor = kl(seed.REFERENCE_MIN_TEMPERATURE)
+    assert kl(1e-9) == kl(1e-300) == floor
+    assert kl(2e-6) != floor
 
 
 def test_shapes_are_flattened(xp: ModuleType) -> None:

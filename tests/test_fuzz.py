@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 
 from distill.v1 import distill_pb2 as pb
 from tests import fuzzing
-from tests.conftest import ServerProcess
+from tests.servers import ServerProcess
 
 EXAMPLES = int(os.environ.get("DISTILL_FUZZ_EXAMPLES") or 0)
 """Examples per test; 0: each test's default (the whole module in well under a minute)."""

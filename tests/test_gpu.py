@@ -8,8 +8,9 @@ import pytest
 
 from distill_client import DistillClient
 from distill_server.backend import select
-from tests.conftest import CUDA, ServerProcess
+from tests.devices import CUDA
 from tests.reference import ALL_LOSSES
+from tests.servers import InProcessServer, ServerProcess
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device and CuPy")]
 
@@ -27,7 +28,7 @@ def test_auto_picks_the_gpu() -> None:
     ids=["float32", "float16", "bfloat16"],
 )
 def test_gpu_server_agrees_with_the_cpu_server(
-    start_server: type[ServerProcess], server: ServerProcess, dtype: object, rtol: float
+    start_server: type[ServerProcess], server: InProcessServer, dtype: object, rtol: float
 ) -> None:
     gpu = start_server(["--device", "cuda"])
     rng = np.random.default_rng(0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import threading
@@ -14,10 +13,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from distill_server import server as server_module
 from distill_server.config import ServerConfig
-from tests.conftest import ServerProcess
+from tests.servers import InProcessServer
 
 
-def test_health_is_serving(server: ServerProcess) -> None:
+def test_health_is_serving(server: InProcessServer) -> None:
     with grpc.insecure_channel(server.target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         for service in ("", "distill.v1.DistillService"):
@@ -25,7 +24,7 @@ def test_health_is_serving(server: ServerProcess) -> None:
             assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_reflection_describes_the_service(server: ServerProcess) -> None:
+def test_reflection_describes_the_service(server: InProcessServer) -> None:
     with grpc.insecure_channel(server.target) as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
         assert "distill.v1.DistillService" in set(database.get_services())
@@ -38,7 +37,7 @@ def test_reflection_describes_the_service(server: ServerProcess) -> None:
         ]
 
 
-def test_probe_exit_codes(server: ServerProcess) -> None:
+def test_probe_exit_codes(server: InProcessServer) -> None:
     ok = subprocess.run(
         [sys.executable, "-m", "distill_server.probe", "--target", server.target],
         capture_output=True,
@@ -56,21 +55,17 @@ def test_probe_exit_codes(server: ServerProcess) -> None:
 
 
 def test_not_serving_until_warm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The real server in-process, its warm-up held back until the test lets it go."""
+    """The real server in-process, its warm-up held back until the test lets it go.
+
+    The gate replaces the module's private warm-up function: nothing public
+    runs between the server's start and its warm-up's end."""
     gate = threading.Event()
     warm_up = server_module._warm_up
     monkeypatch.setattr(server_module, "_warm_up", lambda backend: (gate.wait(30), warm_up(backend)))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def create() -> server_module.DistillServer:
-        return server_module.DistillServer(ServerConfig(port=0, device="cpu"))
-
-    server = asyncio.run_coroutine_threadsafe(create(), loop).result(30)
-    started = asyncio.run_coroutine_threadsafe(server.start(), loop)
+    server = InProcessServer(ServerConfig(port=0, device="cpu"))
+    started = server.submit(server.server.start())
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        with grpc.insecure_channel(server.target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             request = health_pb2.HealthCheckRequest(service="distill.v1.DistillService")
             status = stub.Check(request, timeout=10, wait_for_ready=True).status
@@ -80,7 +75,4 @@ def test_not_serving_until_warm(monkeypatch: pytest.MonkeyPatch) -> None:
             assert stub.Check(request, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
     finally:
         gate.set()
-        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+        server.stop(0)

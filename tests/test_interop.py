@@ -13,7 +13,7 @@ import pytest
 
 from distill_client import DistillClient, DistilLoss
 from scripts.lint_protos import BUF, lint
-from tests.conftest import ServerProcess
+from tests.servers import InProcessServer
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
 
@@ -32,7 +32,7 @@ def node_client() -> Path:
 
 
 def test_node_client_agrees_with_python_and_reads_rich_errors(
-    node_client: Path, server: ServerProcess, tmp_path: Path
+    node_client: Path, server: InProcessServer, tmp_path: Path
 ) -> None:
     rng = np.random.default_rng(3)
     shapes = [(2, 5), (7,), (3, 4)]

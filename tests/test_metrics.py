@@ -4,62 +4,41 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import re
 import select
 import socket
 import threading
 import time
 import urllib.request
-from collections import defaultdict
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from distill.v1 import distill_pb2 as pb
 from distill_client import DistillClient, DistilLoss, EmptyInput
+from distill_core import wire
 from distill_server.metrics import Metrics
-from tests.conftest import ServerProcess
-
-_METRICS_PORT = re.compile(r"metrics on :(\d+)")
-
-
-def metrics_ports(proc: ServerProcess) -> list[int]:
-    """The metrics ports the server (each of its processes) logged."""
-    return [int(port) for port in _METRICS_PORT.findall(proc.text())]
-
-
-def scrape(proc: ServerProcess, port: int | None = None) -> dict[str, float]:
-    """Every sample as ``name{label="value",...}``, plus each name summed over its labels."""
-    port = port or metrics_ports(proc)[-1]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples: dict[str, float] = defaultdict(float)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] += sample.value
-            if labels:
-                samples[sample.name] += sample.value
-    return dict(samples)
+from tests.scraping import scrape
+from tests.servers import ServerProcess
 
 
 @pytest.fixture(scope="module")
-def metered(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+def metered() -> Iterator[ServerProcess]:
     proc = ServerProcess(["--device", "cpu", "--metrics-port", "0"])
-    yield proc  # type: ignore[misc]
+    yield proc
     proc.stop()
 
 
 def test_calls_are_counted_by_rpc_and_code(metered: ServerProcess) -> None:
     layers = [(1.0, DistilLoss.mse())]
     t = np.ones((4, 25), np.float32)
+    empty = np.ones(0)
     with DistillClient(metered.target, timeout=10) as client:
         for _ in range(3):
             client.compute_total_loss(layers, [t], [t])
         client.compute_layer_loss(layers, 0, t, t)
         with pytest.raises(EmptyInput):
-            client.compute_total_loss(layers, [np.ones(0)], [np.ones(0)])
+            client.compute_total_loss(layers, [empty], [empty])
         with client.stream(layers) as session:
             session.step([t], [t])
             session.step([t], [t])
@@ -73,7 +52,11 @@ def test_calls_are_counted_by_rpc_and_code(metered: ServerProcess) -> None:
     assert m['distill_request_duration_seconds_count{rpc="ComputeTotalLoss"}'] == 4
     assert m['distill_elements_total{rpc="ComputeTotalLoss"}'] == 3 * 200
     assert m['distill_elements_total{rpc="StreamLosses"}'] == 2 * 200
-    assert m['distill_received_bytes_total{rpc="ComputeTotalLoss"}'] > 3 * 2 * 400  # three calls of 2 x 400 bytes
+    # The bytes of the four requests as the client frames them (distill_core.wire).
+    request = pb.ComputeTotalLossRequest(layers=[pb.Layer(weight=1.0, loss=DistilLoss.mse().to_proto())])
+    full = len(wire.build(request, teachers=[t], students=[t]))
+    refused = len(wire.build(request, teachers=[empty], students=[empty]))
+    assert m['distill_received_bytes_total{rpc="ComputeTotalLoss"}'] == 3 * full + refused
     assert m["distill_requests_in_flight"] == 0
     assert m['distill_device_info{description="cpu (numpy ' + np.__version__ + ')",device="cpu"}'] == 1
 

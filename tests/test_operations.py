@@ -17,9 +17,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from distill_client import DistillClient, DistilLoss, LimitExceeded, TeacherStudentMismatch
-from tests.conftest import ServerProcess
-from tests.test_metrics import metrics_ports, scrape
-from tests.test_resilience import StallingProxy
+from tests.proxy import StallingProxy
+from tests.scraping import scrape
+from tests.servers import ServerProcess
 
 MSE = [(1.0, DistilLoss.mse())]
 
@@ -176,8 +176,8 @@ def test_several_processes_share_one_port(start_server: type[ServerProcess]) -> 
     for _ in range(30):  # each new connection goes to one of the processes
         with DistillClient(proc.target, timeout=10) as client:
             assert client.compute_total_loss(MSE, [t], [t]).total == 0.0
-    assert "2 processes on 127.0.0.1:" in proc.text()
-    ports = metrics_ports(proc)
+    proc.wait_for_lines(f"2 processes on 127.0.0.1:{proc.port}", 1)
+    ports = proc.metrics_ports()
     served = [scrape(proc, port).get('distill_requests_total{code="OK",rpc="ComputeTotalLoss"}', 0) for port in ports]
     assert len(ports) == 2 and sum(served) == 30 and min(served) > 0, served
     proc.signal(signal.SIGTERM)

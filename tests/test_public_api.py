@@ -1,11 +1,18 @@
-"""The public surface is exact: sorted ``__all__`` naming every public name."""
+"""The public surface is exact: sorted ``__all__`` naming every public name,
+and the client's names that README.md documents."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import re
+from pathlib import Path
 
 import pytest
+
+import distill_client
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 MODULES = [
     "distill_client",
@@ -65,3 +72,43 @@ def test_typed_marker_ships() -> None:
     import distill_client
 
     assert (importlib.resources.files(distill_client) / "py.typed").is_file()
+
+
+def _readme_imports() -> set[tuple[str, str]]:
+    """``(module, name)`` for every name README's examples import from the client."""
+    found = set()
+    for module, names in re.findall(r"^from (distill_client(?:\.\w+)?) import (.+)$", README, re.MULTILINE):
+        found |= {(module, name.strip()) for name in names.split(",")}
+    return found
+
+
+def test_readme_imports_only_exported_names() -> None:
+    imported = _readme_imports()
+    assert {module for module, _ in imported} == {"distill_client", "distill_client.torch"}
+    for module, name in sorted(imported):
+        assert name in importlib.import_module(module).__all__, f"README imports {name} from {module}"
+
+
+def _error_table() -> list[tuple[str, str, str | None, list[str]]]:
+    """The README's error table: ``(class, status code, documented base class, fields)``."""
+    section = README.split("\n## Errors\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        match = re.fullmatch(r"\| `(\w+)`( \(a `(\w+)`\))? \| ([A-Z_]+) \| [^|]* \|([^|]*)\|", line)
+        if match:
+            fields = re.findall(r"`(\w+)`", match.group(5))
+            rows.append((match.group(1), match.group(4), match.group(3), fields))
+    return rows
+
+
+def test_readme_error_table_matches_the_exported_errors() -> None:
+    rows = _error_table()
+    assert len(rows) == 10, rows  # every row with one class and one status code
+    assert "`distill_client.DistillError`" in README
+    for name, code, base, fields in rows:
+        assert name in distill_client.__all__, name
+        cls = getattr(distill_client, name)
+        assert issubclass(cls, distill_client.DistillError), name
+        assert cls.code.name == code, (name, cls.code.name, code)
+        assert base is None or issubclass(cls, getattr(distill_client, base)), (name, base)
+        assert list(cls.int_fields) == fields, (name, cls.int_fields, fields)

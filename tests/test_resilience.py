@@ -9,10 +9,8 @@ from the server's peak RSS (``VmHWM``); no test asserts a duration.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -27,9 +25,11 @@ from distill.v1 import distill_pb2 as pb
 from distill_client import DistillClient, DistilLoss, LimitExceeded, MessageTooLarge, Reduction
 from distill_core import wire
 from distill_core.errors import DeadlineExceeded, Unavailable, from_rich_status
+from distill_server import __version__
 from distill_server.admission import Budget, Work
-from tests.conftest import ServerProcess
-from tests.test_metrics import scrape
+from tests.proxy import StallingProxy
+from tests.scraping import scrape
+from tests.servers import InProcessServer, ServerProcess, eventually
 
 MIB = 1024 * 1024
 SERVICE = "/distill.v1.DistillService/"
@@ -192,6 +192,7 @@ def test_ranks_and_error_texts_are_bounded(start_server: type[ServerProcess]) ->
     ).SerializeToString()
     code, details = raw_call(proc.target, SERVICE + "ComputeLayerLoss", payload)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and len(details) <= 1024
+    proc.wait_for_lines("call failed: rpc=Compute", 3)
     alive(proc)
     assert max(len(line) for line in proc.log) < 4096
 
@@ -207,51 +208,6 @@ def test_unauthenticated_calls_are_refused_without_reading_them(start_server: ty
     assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 12
     assert peak_mib(proc) - before < 64  # twelve reads would be 2.4 GB (7 GB with the copies)
     assert proc.process.poll() is None
-
-
-class StallingProxy:
-    """A loopback TCP proxy that forwards ``limit`` bytes of each upload, then
-    stops reading it (a client gone silent mid-message); answers flow freely,
-    or up to ``download`` bytes (a client that stops taking its answers)."""
-
-    def __init__(self, target_port: int, limit: int | None, download: int | None = None) -> None:
-        self.limit = limit
-        self.download = download
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.sockets: list[socket.socket] = [self.listener]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            self.sockets += [client, upstream]
-            threading.Thread(target=self._pipe, args=(client, upstream, self.limit), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, self.download), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket, limit: int | None) -> None:
-        sent = 0
-        try:
-            while limit is None or sent < limit:
-                chunk = source.recv(min(1 << 16, limit - sent) if limit is not None else 1 << 16)
-                if not chunk:
-                    return
-                sink.sendall(chunk)
-                sent += len(chunk)
-        except OSError:
-            return
-
-    def close(self) -> None:
-        for sock in self.sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
 
 
 def test_stalled_uploads_hold_at_most_the_budget_and_time_out(start_server: type[ServerProcess]) -> None:
@@ -311,7 +267,7 @@ def test_answers_not_taken_are_dropped_after_the_receive_timeout(start_server: t
     alive(proc)
 
 
-def test_a_call_without_a_request_is_invalid_argument(server: ServerProcess) -> None:
+def test_a_call_without_a_request_is_invalid_argument(server: InProcessServer) -> None:
     with grpc.insecure_channel(server.target) as channel:
         for rpc in ("ComputeLayerLoss", "ComputeTotalLoss", "GetServerInfo"):
             with pytest.raises(grpc.RpcError) as info:
@@ -353,9 +309,10 @@ def test_silent_streams_cannot_lock_out_other_calls(start_server: type[ServerPro
             yield
 
         calls = [method(nothing()) for _ in range(16)]
+        # All sixteen have reached the server once twelve were refused: four hold every stream slot.
+        proc.wait_for_lines("call failed: rpc=StreamLosses code=RESOURCE_EXHAUSTED", 12)
         with DistillClient(proc.target, timeout=30) as client:  # unary calls have slots of their own
-            time.sleep(0.3)
-            assert client.server_info().version
+            assert client.server_info().version == __version__
             assert client.compute_total_loss(MSE, [np.ones(4)], [np.zeros(4)]).total == 1.0
         codes = []
         for call in calls:
@@ -397,10 +354,10 @@ def test_an_idle_stream_is_ended(start_server: type[ServerProcess]) -> None:
     with DistillClient(proc.target, timeout=30) as client:
         session = client.stream(MSE)
         assert session.step([np.ones(3)], [np.zeros(3)]).total == 1.0
-        time.sleep(1.5)
-        with pytest.raises(Exception) as info:
+        proc.wait_for_lines("call failed: rpc=StreamLosses code=DEADLINE_EXCEEDED", 1)  # the server ended it
+        with pytest.raises(DeadlineExceeded) as info:
             session.step([np.ones(3)], [np.zeros(3)])
-    assert "--stream-idle-timeout" in str(info.value)
+    assert "--stream-idle-timeout" in info.value.message
     alive(proc)
 
 
@@ -428,7 +385,7 @@ def test_cancelled_calls_stop_computing(start_server: type[ServerProcess]) -> No
 def test_drain_drops_queued_work_with_unavailable_within_grace(start_server: type[ServerProcess]) -> None:
     # A budget that receives one 128 MB request at a time: the others wait for room, and are still
     # waiting when the grace period ends, however fast this machine computes.
-    budget = ["--max-message-mb", "160", "--max-inflight-mb", "480"]
+    budget = ["--max-message-mb", "160", "--max-inflight-mb", "480", "--metrics-port", "0"]
     proc = start_server(["--device", "cpu", "--workers", "1", "--grace", "1", "--log-level", "DEBUG", *budget])
     x = np.random.default_rng(3).standard_normal((4, 4 * MIB)).astype(np.float32)
     loss = [(1.0, DistilLoss.kl_divergence(2.0, reduction=Reduction.PER_ROW))]
@@ -448,7 +405,9 @@ def test_drain_drops_queued_work_with_unavailable_within_grace(start_server: typ
     session = streaming.stream(MSE)  # idle between steps when the drain ends
     assert session.step([np.ones(3)], [np.zeros(3)]).total == 1.0
     proc.wait_for_lines("call started: rpc=ComputeTotalLoss", 6)
-    time.sleep(1.0)  # one received or computing; the others waiting for room in the budget
+    # One received (its reservation shrunk from the message limit to its message) or computing;
+    # the others waiting for room in the budget.
+    eventually(lambda: 0 < scrape(proc)["distill_inflight_bytes"] < 160 * MIB, what="a request received")
     proc.signal(signal.SIGTERM)
     stopped = time.monotonic()
     assert proc.wait(30) == 0, proc.text()
@@ -478,6 +437,8 @@ def metered() -> Iterator[ServerProcess]:
     proc = ServerProcess(["--device", "cpu", "--metrics-port", "0"])
     yield proc
     proc.stop()
+    assert proc.process.returncode == 0, proc.text()
+    assert "Traceback" not in proc.text() and " ERROR " not in proc.text()
 
 
 @pytest.mark.parametrize(

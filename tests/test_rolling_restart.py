@@ -22,8 +22,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from distill_client import DistillClient, DistillError, DistilLoss
-from tests.conftest import ServerProcess
-from tests.test_metrics import scrape
+from tests.scraping import scrape
+from tests.servers import ServerProcess
 
 MSE = [(1.0, DistilLoss.mse())]
 TEACHER = np.arange(1000, dtype=np.float32) / 8  # exact in float32

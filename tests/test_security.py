@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from distill_client import DistillClient, DistillError, DistilLoss, Unauthenticated, Unavailable
 from tests.certs import Authority, Pair
-from tests.conftest import ServerProcess
-from tests.test_metrics import scrape
+from tests.scraping import scrape
+from tests.servers import ServerProcess
 
 LAYERS = [(1.0, DistilLoss.mse())]
 T = np.arange(12, dtype=np.float32)

@@ -41,8 +41,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from distill.v1 import distill_pb2 as pb
-from tests.conftest import ServerProcess
 from tests.fuzzing import log_errors
+from tests.servers import ServerProcess
 
 DURATION = float(os.environ.get("DISTILL_SOAK_SECONDS") or 60)
 WARM_UP = min(30.0, DURATION / 2)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import threading
-import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -22,8 +23,9 @@ from distill_client import (
 )
 from distill_core import wire
 from distill_core.errors import Cancelled, DistillError, from_rpc_error
-from tests.conftest import ServerProcess
+from distill_server.config import ServerConfig
 from tests.reference import reference
+from tests.servers import InProcessServer, eventually
 
 LAYERS = [(0.5, DistilLoss.mse()), (2.0, DistilLoss.kl_divergence(2.0, reduction=Reduction.PER_ROW))]
 
@@ -32,6 +34,14 @@ def step_data(step: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     rng = np.random.default_rng(step)
     teachers = [rng.normal(size=(3, 7)).astype(np.float32) for _ in LAYERS]
     return teachers, [t + rng.normal(size=t.shape).astype(np.float32) for t in teachers]
+
+
+def reference_total(teachers: list[np.ndarray], students: list[np.ndarray]) -> float:
+    """The total of :data:`LAYERS` in float64: MSE, and the mean of the rows' KL."""
+    (mse_weight, mse), (kl_weight, per_row) = LAYERS
+    flat = DistilLoss.kl_divergence(per_row.temperature)
+    rows = [reference(flat, t, s) for t, s in zip(teachers[1], students[1], strict=True)]
+    return mse_weight * reference(mse, teachers[0], students[0]) + kl_weight * math.fsum(rows) / len(rows)
 
 
 def test_hundreds_of_steps_with_a_bad_one_in_the_middle(client: DistillClient) -> None:
@@ -54,6 +64,7 @@ def test_hundreds_of_steps_with_a_bad_one_in_the_middle(client: DistillClient) -
             expected = 0.5 * reference(LAYERS[0][1], teachers[0], students[0])
             assert result.layers[0].weighted_loss == pytest.approx(expected, rel=1e-12)
             assert result.total == pytest.approx(math_sum(result), rel=1e-15)
+            assert result.total == pytest.approx(reference_total(teachers, students), rel=1e-11)
 
 
 def math_sum(result: object) -> float:
@@ -73,22 +84,36 @@ def test_stream_gradients_equal_unary_gradients(client: DistillClient) -> None:
         np.testing.assert_array_equal(a.gradient, b.gradient)
 
 
-def test_closing_a_stream_frees_it_and_the_server_goes_on(start_server: type[ServerProcess]) -> None:
-    proc = start_server(["--device", "cpu", "--log-level", "DEBUG"])
-    with DistillClient(proc.target, timeout=30) as client:
+def test_closing_a_stream_frees_it_and_the_server_goes_on(
+    start_in_process: Callable[[ServerConfig], InProcessServer],
+) -> None:
+    server = start_in_process(ServerConfig(port=0, device="cpu", workers=1))
+
+    def streams_open() -> float:
+        return server.sample("distill_requests_in_flight", rpc="StreamLosses")
+
+    def received() -> float:
+        return server.sample("distill_received_bytes_total", rpc="StreamLosses")
+
+    with DistillClient(server.target, timeout=30) as client:
         session = client.stream(LAYERS)
         for step in range(5):
             session.step(*step_data(step))
+        assert streams_open() == 1
         session.close()
-        proc.wait_for_lines("stream ended", 1, timeout=10)
-        assert "steps=5" in proc.text()
+        eventually(lambda: streams_open() == 0, what="the server letting the closed stream go")
+        assert server.sample("distill_stream_steps_total", code="OK") == 5
         with pytest.raises(Unavailable):
             session.step(*step_data(0))
         # A stream closed from another thread with a large step in flight is
-        # released too, and the step reports the cancellation.
+        # released too, and the step reports the cancellation. The server's one
+        # worker is held, so the step cannot be answered before the close.
         cancelled = client.stream(LAYERS)
         cancelled.step(*step_data(0))
-        big = [np.ones((4096, 1024), np.float32)] * 2  # 2 x 2 x 16 MiB: long in flight
+        release = threading.Event()
+        held = server.server.executor.submit(release.wait, 60)
+        big = [np.ones((4096, 1024), np.float32)] * 2  # 2 x 2 x 16 MiB: computed in the worker, not inline
+        before = received()
         outcome: list[BaseException] = []
 
         def run_step() -> None:
@@ -99,15 +124,22 @@ def test_closing_a_stream_frees_it_and_the_server_goes_on(start_server: type[Ser
 
         thread = threading.Thread(target=run_step)
         thread.start()
-        time.sleep(0.05)
-        cancelled.close()
-        thread.join(30)
-        assert len(outcome) == 1 and type(outcome[0]) is Cancelled
-        proc.wait_for_lines("stream ended", 2, timeout=30)
-        assert client.compute_total_loss(LAYERS, *step_data(1)).total > 0
+        try:
+            eventually(lambda: received() > before + 4 * big[0].nbytes, what="the server receiving the large step")
+            cancelled.close()
+            thread.join(30)
+            assert len(outcome) == 1 and type(outcome[0]) is Cancelled
+            eventually(lambda: streams_open() == 0, what="the server letting the cancelled stream go")
+        finally:
+            release.set()
+            held.result(30)
+            thread.join(30)
+        teachers, students = step_data(1)
+        total = client.compute_total_loss(LAYERS, teachers, students).total
+        assert total == pytest.approx(reference_total(teachers, students), rel=1e-11)
 
 
-def raw_stream(server: ServerProcess, messages: list[bytes]) -> list[pb.StreamLossesResponse]:
+def raw_stream(server: InProcessServer, messages: list[bytes]) -> list[pb.StreamLossesResponse]:
     with grpc.insecure_channel(server.target) as channel:
         method = channel.stream_stream(
             "/distill.v1.DistillService/StreamLosses", response_deserializer=pb.StreamLossesResponse.FromString
@@ -115,7 +147,7 @@ def raw_stream(server: ServerProcess, messages: list[bytes]) -> list[pb.StreamLo
         return list(method(iter(messages), timeout=30))
 
 
-def test_a_stream_must_start_with_its_config(server: ServerProcess) -> None:
+def test_a_stream_must_start_with_its_config(server: InProcessServer) -> None:
     step = wire.build(pb.StreamLossesRequest(step_id=1), teachers=[np.ones(3)], students=[np.ones(3)])
     with pytest.raises(grpc.RpcError) as info:
         raw_stream(server, [step])
@@ -123,7 +155,7 @@ def test_a_stream_must_start_with_its_config(server: ServerProcess) -> None:
     assert type(error) is InvalidArgument and error.field == "config"
 
 
-def test_config_in_a_later_message_fails_that_step_only(server: ServerProcess) -> None:
+def test_config_in_a_later_message_fails_that_step_only(server: InProcessServer) -> None:
     config = pb.StreamConfig(layers=[pb.Layer(weight=1.0, loss=DistilLoss.mse().to_proto())])
     good = wire.build(pb.StreamLossesRequest(step_id=2), teachers=[np.ones(3)], students=[np.zeros(3)])
     responses = raw_stream(

@@ -4,7 +4,6 @@ trivial children."""
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -12,18 +11,20 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from distill_client import DistillClient, DistilLoss
-from distill_server import supervisor
+from distill_server import __version__, supervisor
 from distill_server.config import ServerConfig
-from distill_server.supervisor import RestartPolicy, Supervisor
-from tests.conftest import ServerProcess
+from distill_server.supervisor import RestartPolicy, RestartSchedule, Supervisor, die_with_parent
+from tests.servers import ServerProcess
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -118,11 +119,11 @@ def test_a_killed_child_is_restarted_and_the_group_serves_on(start_server: type[
     assert re.search(
         rf"distill-server-\d \(pid {first[0]}\) was killed by SIGKILL after .*; restarting it", proc.text()
     )
-    assert f"restarted (pid {replacement}; restart 1 of at most 5" in proc.text()
+    proc.wait_for_lines(f"restarted (pid {replacement}; restart 1 of at most 5", 1)
     t = np.ones(16, np.float32)
     for _ in range(20):  # new connections: the kernel spreads them over both processes
         with DistillClient(proc.target, timeout=10) as client:
-            assert client.server_info().version
+            assert client.server_info().version == __version__
             assert client.compute_total_loss(MSE, [t], [t]).total == 0.0
     proc.signal(signal.SIGTERM)
     assert proc.wait(30) == 0
@@ -166,7 +167,7 @@ def test_a_second_group_on_a_busy_port_is_refused(start_server: type[ServerProce
     assert "started (pid" not in result.stderr and "ready on" not in result.stderr
     assert len(server_children(proc.process.pid)) == 2  # the first group serves on, untouched
     with DistillClient(proc.target, timeout=10) as client:
-        assert client.server_info().version
+        assert client.server_info().version == __version__
 
 
 def test_a_port_held_by_any_listener_is_refused() -> None:
@@ -178,35 +179,6 @@ def test_a_port_held_by_any_listener_is_refused() -> None:
     assert result.returncode == 1
     assert f"cannot serve on 127.0.0.1:{port}: address in use" in result.stderr
     assert "started (pid" not in result.stderr
-
-
-# The mechanisms, one by one.
-
-
-def test_no_socket_without_so_reuseport_binds_beside_reuseport_listeners() -> None:
-    with socket.socket() as listener:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        listener.bind(("127.0.0.1", 0))
-        port = listener.getsockname()[1]
-        listener.listen()
-        for host in ("127.0.0.1", "0.0.0.0"):
-            with pytest.raises(OSError) as info:
-                supervisor._check_free(host, port)
-            assert info.value.errno == errno.EADDRINUSE
-        with socket.socket() as child:  # while one more SO_REUSEPORT socket still can: the children
-            child.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            child.bind(("127.0.0.1", port))
-
-
-def test_a_group_holds_its_address_before_its_children_listen() -> None:
-    port, lock = supervisor._reserve("127.0.0.1", 0)
-    assert lock is not None and port > 0
-    with lock, pytest.raises(OSError) as info:
-        supervisor._reserve("127.0.0.1", port)
-    assert info.value.errno == errno.EADDRINUSE and "another distill-server group" in str(info.value)
-    again, lock = supervisor._reserve("127.0.0.1", port)  # free again once the lock is closed
-    assert again == port and lock is not None
-    lock.close()
 
 
 # Trivial children (module-level: they are pickled for the spawn start method).
@@ -224,11 +196,80 @@ def _sleep(config: ServerConfig, level: str, form: str) -> None:
     time.sleep(60)
 
 
+def _watched_child(parent: int, lifeline: Any, running: Any) -> None:
+    die_with_parent(parent, lifeline)
+    running.set()
+    time.sleep(60)
+
+
 FAST = RestartPolicy(initial_delay=0.01, max_delay=0.05, stable_after=3600, max_restarts=4, window=3600)
 
 
-def run_group(target: supervisor.ChildTarget, count: int, policy: RestartPolicy) -> int:
-    return Supervisor(ServerConfig(host="127.0.0.1", port=0), count, target, ("INFO", "text"), policy).run()
+def run_group(
+    target: supervisor.ChildTarget, count: int, policy: RestartPolicy, port: int = 0, host: str = "127.0.0.1"
+) -> int:
+    return Supervisor(ServerConfig(host=host, port=port), count, target, ("INFO", "text"), policy).run()
+
+
+# The mechanisms, one by one, with trivial children.
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_a_port_held_by_so_reuseport_listeners_is_refused(caplog: pytest.LogCaptureFixture, host: str) -> None:
+    """Another group's children listen with SO_REUSEPORT, as this group's own
+    would: the port is still seen as taken, and no child is started."""
+    caplog.set_level(logging.INFO, logger="distill_server.supervisor")
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        listener.listen()
+        assert run_group(_sleep, 2, FAST, port=port, host=host) == 1
+        with socket.socket() as child:  # while one more SO_REUSEPORT socket, as a child's, still binds there
+            child.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            child.bind(("127.0.0.1", port))
+    assert f"cannot serve on {host}:{port}: address in use" in caplog.messages
+    assert not any("started (pid" in line for line in caplog.messages)
+
+
+def test_a_group_holds_its_address_before_its_children_listen(caplog: pytest.LogCaptureFixture) -> None:
+    """From its check of the port until its children listen (here: never), a
+    group's address is taken: a second group there is refused though nothing
+    listens on the port, and a group after it finds the address free again."""
+    caplog.set_level(logging.INFO, logger="distill_server.supervisor")
+    seen: dict[str, Any] = {}
+
+    def second_group() -> None:
+        """While the first group runs: try a second one on its port, then stop the first."""
+        try:
+            serving = re.compile(r"1 processes on 127\.0\.0\.1:(\d+)")
+            assert eventually(lambda: any(serving.search(line) for line in caplog.messages)), caplog.messages
+            port = int(next(m.group(1) for line in caplog.messages if (m := serving.search(line))))
+            seen["port"], seen["free"] = port, port_is_free(port)
+            seen["status"] = run_group(_sleep, 1, FAST, port=port)  # refused before it touches signals
+        except BaseException as exc:
+            seen["error"] = exc
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # the first group's handler: it stops
+
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: None)  # should the signal come late
+    try:
+        thread = threading.Thread(target=second_group)
+        thread.start()
+        first = run_group(_sleep, 1, FAST)
+        thread.join(60)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "error" not in seen, seen
+    assert first == 128 + signal.SIGTERM  # its child, stopped by the signal
+    port = seen["port"]
+    assert seen["free"], "a socket listened on the port: the lock was not what refused the second group"
+    assert seen["status"] == 1
+    assert f"cannot serve on 127.0.0.1:{port}: address in use (another distill-server group serves there)" in (
+        caplog.messages
+    )
+    # Once the first group is over, its address is free: a third group starts its child there.
+    assert run_group(_cannot_start, 1, FAST, port=port) == 2
 
 
 def test_a_child_that_keeps_dying_stops_the_group(caplog: pytest.LogCaptureFixture) -> None:
@@ -258,14 +299,15 @@ def test_the_backoff_starts_over_after_a_stable_run(caplog: pytest.LogCaptureFix
     assert delays == ["0.01"] * 3
 
 
-def test_the_restart_plan() -> None:
+def test_the_restart_schedule() -> None:
+    # On a clock of the test's own: a whole group would have to wait out the window in real time.
     policy = RestartPolicy(initial_delay=0.5, max_delay=3, stable_after=10, max_restarts=4, window=60)
-    slot = supervisor._Slot(0, ServerConfig(), policy.initial_delay)
-    assert [slot.plan_restart(t, 1, policy) for t in (0, 1, 2, 3)] == [0.5, 1, 2, 3]  # doubling up to max_delay
-    assert slot.plan_restart(4, 1, policy) is None  # a fifth restart in 60 s: the limit
-    assert slot.plan_restart(60, 1, policy) == 3  # the first restart left the window
-    assert slot.plan_restart(100, 10, policy) == 0.5  # up 10 s: the delay starts over
-    assert slot.plan_restart(101, 1, policy) == 1
+    schedule = RestartSchedule(policy)
+    assert [schedule.plan(t, 1) for t in (0, 1, 2, 3)] == [0.5, 1, 2, 3]  # doubling up to max_delay
+    assert schedule.plan(4, 1) is None  # a fifth restart in 60 s: the limit
+    assert schedule.plan(60, 1) == 3  # the first restart left the window
+    assert schedule.plan(100, 10) == 0.5  # up 10 s: the delay starts over
+    assert schedule.plan(101, 1) == 1
 
 
 def test_a_child_that_cannot_start_is_not_restarted(caplog: pytest.LogCaptureFixture) -> None:
@@ -283,18 +325,18 @@ def test_a_child_that_cannot_start_is_not_restarted(caplog: pytest.LogCaptureFix
 
 
 def test_a_child_ends_when_the_pipe_from_its_parent_closes() -> None:
-    """The fallback where PR_SET_PDEATHSIG is missing: end-of-file on the pipe."""
+    """The fallback where PR_SET_PDEATHSIG is missing: end-of-file on the pipe
+    (in a group, PR_SET_PDEATHSIG would end the children first)."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
     reader, writer = context.Pipe(duplex=False)
-    child = context.Process(
-        target=supervisor._child_main, args=(_sleep, ServerConfig(), ("INFO", "text"), os.getpid(), reader)
-    )
+    running = context.Event()
+    child = context.Process(target=_watched_child, args=(os.getpid(), reader, running))
     child.start()
     reader.close()
     try:
-        time.sleep(0.5)
+        assert running.wait(30)  # past its set-up, in its target, the pipe open
         assert child.is_alive()
         writer.close()  # what the parent's death does
         child.join(30)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from distill_client import Cancelled, DistillClient, DistilLoss, Reduction, TeacherStudentMismatch
-from tests.conftest import CUDA, ServerProcess
-from tests.test_gradients import torch_loss
+from distill_client import DeadlineExceeded, DistillClient, DistilLoss, Reduction, TeacherStudentMismatch
+from distill_server.config import Limits, ServerConfig
+from tests.devices import CUDA
+from tests.servers import InProcessServer, eventually
+from tests.torch_reference import torch_loss
 
 torch = pytest.importorskip("torch")
 bridge = pytest.importorskip("distill_client.torch")
@@ -105,7 +108,7 @@ def test_cuda_tensors_come_back_on_their_device(client: DistillClient) -> None:
     assert all(s.grad.device.type == "cuda" for s in students)
 
 
-def test_the_example_trains_a_student(server: ServerProcess) -> None:
+def test_the_example_trains_a_student(server: InProcessServer) -> None:
     result = subprocess.run(
         [sys.executable, str(EXAMPLE), "--target", server.target, "--steps", "150", "--json"],
         capture_output=True,
@@ -119,17 +122,23 @@ def test_the_example_trains_a_student(server: ServerProcess) -> None:
     assert numbers["feature_gap_after"] < 0.2 * numbers["feature_gap_before"]
 
 
-def test_a_stream_that_fails_is_reopened(start_server: type[ServerProcess]) -> None:
-    proc = start_server(["--device", "cpu"])
+def test_a_stream_that_fails_is_reopened(start_in_process: Callable[[ServerConfig], InProcessServer]) -> None:
+    server = start_in_process(ServerConfig(port=0, device="cpu", limits=Limits(stream_idle_timeout=0.5)))
     teachers, students = features(torch.float32)
-    with DistillClient(proc.target, timeout=10) as client:
+
+    def streams(code: str) -> float:
+        return server.sample("distill_requests_total", rpc="StreamLosses", code=code)
+
+    with DistillClient(server.target, timeout=10) as client:
         remote = bridge.RemoteDistillLoss(LAYERS, client=client, stream=True)
         first = remote(teachers, students)
-        assert remote._session is not None
-        remote._session._responses.cancel()  # the stream breaks (as when its server goes away)
-        with pytest.raises(Cancelled):
+        # The stream breaks: the server ends it once it has been idle too long.
+        eventually(lambda: streams("DEADLINE_EXCEEDED") == 1, what="the server ending the idle stream")
+        with pytest.raises(DeadlineExceeded, match="--stream-idle-timeout"):
             remote(teachers, students)
-        assert remote._session.closed
-        again = remote(teachers, students)  # a new stream
+        again = remote(teachers, students)  # on a new stream
         assert again.item() == first.item()
+        assert server.sample("distill_requests_in_flight", rpc="StreamLosses") == 1
         remote.close()
+    eventually(lambda: server.sample("distill_requests_in_flight", rpc="StreamLosses") == 0, what="the stream closing")
+    assert streams("DEADLINE_EXCEEDED") == 1

@@ -11,7 +11,7 @@ import pytest
 from distill.v1 import distill_pb2 as pb
 from distill_client import DistilLoss, InvalidArgument
 from distill_core import tensors, wire
-from distill_core.wire import _varint
+from tests.fuzzing import varint
 
 LAYERS = [pb.Layer(weight=0.5, loss=DistilLoss.kl_divergence(2.0).to_proto(), name="conv1")]
 
@@ -70,20 +70,20 @@ def test_views_share_the_request_bytes() -> None:
 
 
 def field(number: int, wire_type: int, body: bytes) -> bytes:
-    tag = _varint(number << 3 | wire_type)
-    return tag + (_varint(len(body)) + body if wire_type == 2 else body)
+    tag = varint(number << 3 | wire_type)
+    return tag + (varint(len(body)) + body if wire_type == 2 else body)
 
 
 def tensor_body(rng: np.random.Generator) -> bytes:
     """A Tensor body in random field order, packed or unpacked shape, with unknown
     fields and a stale data field before the one that counts."""
     array = rng.normal(size=tuple(rng.integers(0, 4, size=rng.integers(0, 3)))).astype(np.float32)
-    dims = [_varint(d) for d in array.shape]
+    dims = [varint(d) for d in array.shape]
     if rng.random() < 0.5:
         parts = [field(2, 2, b"".join(dims))]  # packed
     else:
         parts = [field(2, 0, d) for d in dims]  # unpacked: also valid proto3
-    parts += [field(1, 0, _varint(pb.DTYPE_FLOAT32)), field(15, 5, b"\0" * 4), field(16, 1, b"\0" * 8)]
+    parts += [field(1, 0, varint(pb.DTYPE_FLOAT32)), field(15, 5, b"\0" * 4), field(16, 1, b"\0" * 8)]
     parts = [parts[i] for i in rng.permutation(len(parts))]
     stale = int(rng.integers(0, len(parts) + 1))
     parts.insert(stale, field(3, 2, b"\xff" * (4 * array.size + 1)))
@@ -97,7 +97,7 @@ def test_split_agrees_with_protobuf_on_any_valid_encoding(seed: int) -> None:
     chunks: list[bytes] = [field(1, 2, layer.SerializeToString()) for layer in LAYERS * int(rng.integers(0, 3))]
     for _ in range(int(rng.integers(0, 4))):
         chunks.append(field(2 + int(rng.integers(0, 2)), 2, tensor_body(rng)))
-    chunks.append(field(99, 0, _varint(12345)))  # an unknown field from a newer client
+    chunks.append(field(99, 0, varint(12345)))  # an unknown field from a newer client
     chunks.append(field(98, 2, b"future"))
     payload = b"".join(chunks[i] for i in rng.permutation(len(chunks)))
     reference = pb.ComputeTotalLossRequest.FromString(payload)
@@ -115,9 +115,9 @@ def test_split_agrees_with_protobuf_on_any_valid_encoding(seed: int) -> None:
 
 
 def test_a_repeated_singular_tensor_merges_as_protobuf_does() -> None:
-    first = field(1, 0, _varint(pb.DTYPE_FLOAT64)) + field(2, 0, _varint(2)) + field(3, 2, b"\1" * 8)
-    second = field(1, 0, _varint(pb.DTYPE_FLOAT32)) + field(2, 0, _varint(3)) + field(3, 2, b"\2" * 24)
-    payload = field(3, 2, first) + field(2, 0, _varint(7)) + field(3, 2, second)
+    first = field(1, 0, varint(pb.DTYPE_FLOAT64)) + field(2, 0, varint(2)) + field(3, 2, b"\1" * 8)
+    second = field(1, 0, varint(pb.DTYPE_FLOAT32)) + field(2, 0, varint(3)) + field(3, 2, b"\2" * 24)
+    payload = field(3, 2, first) + field(2, 0, varint(7)) + field(3, 2, second)
     reference = pb.ComputeLayerLossRequest.FromString(payload)
     rest, views = wire.split(pb.ComputeLayerLossRequest, payload, 8)
     assert rest.layer_index == 7

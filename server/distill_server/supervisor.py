@@ -44,7 +44,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 from types import FrameType
@@ -52,7 +52,7 @@ from types import FrameType
 from distill_server import __version__
 from distill_server.config import ServerConfig, format_address
 
-__all__ = ["CANNOT_START", "RestartPolicy", "Supervisor", "supervise"]
+__all__ = ["CANNOT_START", "RestartPolicy", "RestartSchedule", "Supervisor", "die_with_parent", "supervise"]
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +184,10 @@ def _reserve(host: str, port: int) -> tuple[int, socket.socket | None]:
     return port, lock
 
 
-def _die_with_parent(parent: int, lifeline: Connection) -> None:
-    """In a child: SIGTERM ourselves when the parent dies."""
+def die_with_parent(parent: int, lifeline: Connection) -> None:
+    """In a child: SIGTERM ourselves when the parent dies (PR_SET_PDEATHSIG,
+    and end-of-file on ``lifeline``, the pipe from the parent, where that is
+    missing)."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -203,8 +205,38 @@ def _die_with_parent(parent: int, lifeline: Connection) -> None:
 def _child_main(
     target: ChildTarget, config: ServerConfig, args: tuple[str, str], parent: int, lifeline: Connection
 ) -> None:
-    _die_with_parent(parent, lifeline)
+    die_with_parent(parent, lifeline)
     target(config, *args)
+
+
+class RestartSchedule:
+    """One child's restarts under a :class:`RestartPolicy`: the delay doubles
+    from ``initial_delay`` to ``max_delay`` and starts over once a child has
+    been up ``stable_after`` seconds; at most ``max_restarts`` in ``window``."""
+
+    def __init__(self, policy: RestartPolicy) -> None:
+        self.policy = policy
+        self._delay = policy.initial_delay
+        self._restarts: deque[float] = deque()
+
+    @property
+    def restarts(self) -> int:
+        """Restarts planned in the window, as of the last plan."""
+        return len(self._restarts)
+
+    def plan(self, now: float, uptime: float) -> float | None:
+        """A restart at ``now`` of a child that was up ``uptime`` seconds: its
+        delay, or None when the child has used up its restarts in the window."""
+        policy = self.policy
+        if uptime >= policy.stable_after:
+            self._delay = policy.initial_delay
+        while self._restarts and now - self._restarts[0] >= policy.window:
+            self._restarts.popleft()
+        if len(self._restarts) >= policy.max_restarts:
+            return None
+        self._restarts.append(now)
+        delay, self._delay = self._delay, min(self._delay * 2, policy.max_delay)
+        return delay
 
 
 @dataclass
@@ -213,29 +245,15 @@ class _Slot:
 
     index: int
     config: ServerConfig
-    delay: float
+    schedule: RestartSchedule
     process: SpawnProcess | None = None
     lifeline: Connection | None = None  # the parent's end of the child's pipe
     started: float = 0.0
     restart_at: float | None = None
-    restarts: deque[float] = field(default_factory=deque)
 
     @property
     def name(self) -> str:
         return f"distill-server-{self.index}"
-
-    def plan_restart(self, now: float, uptime: float, policy: RestartPolicy) -> float | None:
-        """A restart at ``now`` of a child that was up ``uptime`` seconds: its
-        delay, or None when the slot has used up its restarts in the window."""
-        if uptime >= policy.stable_after:
-            self.delay = policy.initial_delay
-        while self.restarts and now - self.restarts[0] >= policy.window:
-            self.restarts.popleft()
-        if len(self.restarts) >= policy.max_restarts:
-            return None
-        self.restarts.append(now)
-        delay, self.delay = self.delay, min(self.delay * 2, policy.max_delay)
-        return delay
 
 
 class Supervisor:
@@ -276,7 +294,7 @@ class Supervisor:
                 config=replace(
                     self.config, port=port, reuse_port=True, metrics_port=_metrics_port(self.config.metrics_port, i)
                 ),
-                delay=self.policy.initial_delay,
+                schedule=RestartSchedule(self.policy),
             )
             for i in range(self.count)
         ]
@@ -359,7 +377,7 @@ class Supervisor:
                 "%s restarted (pid %s; restart %d of at most %d in %g s)",
                 slot.name,
                 process.pid,
-                len(slot.restarts),
+                slot.schedule.restarts,
                 self.policy.max_restarts,
                 self.policy.window,
             )
@@ -382,13 +400,13 @@ class Supervisor:
         if code in CANNOT_START:
             self._fail(_exit_status(code), "%s: it cannot start; stopping the group", what)
             return
-        delay = slot.plan_restart(now, uptime, self.policy)
+        delay = slot.schedule.plan(now, uptime)
         if delay is None:
             self._fail(
                 max(1, _exit_status(code)),
                 "%s; restarted %d times in %g s already: stopping the group",
                 what,
-                len(slot.restarts),
+                slot.schedule.restarts,
                 self.policy.window,
             )
             return
