@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -17,9 +18,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from distill_client import DistillClient, DistilLoss, LimitExceeded, TeacherStudentMismatch
+from distill_server.config import ServerConfig
 from tests.proxy import StallingProxy
 from tests.scraping import scrape
-from tests.servers import ServerProcess
+from tests.servers import InProcessServer, ServerProcess
 
 MSE = [(1.0, DistilLoss.mse())]
 
@@ -183,3 +185,39 @@ def test_several_processes_share_one_port(start_server: type[ServerProcess]) -> 
     proc.signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     assert proc.text().count("stopped") == 2
+
+
+def test_connections_are_renewed_after_max_connection_age(
+    start_in_process: Callable[[ServerConfig], InProcessServer],
+) -> None:
+    """GOAWAY once a connection is older than --max-connection-age: the
+    channel leaves READY and connects anew (re-resolving its target), while
+    a stream opened on the old connection goes on."""
+    running = start_in_process(ServerConfig(port=0, device="cpu", max_connection_age_seconds=0.5))
+    states: list[grpc.ChannelConnectivity] = []
+    renewed = threading.Event()
+
+    def watch(state: grpc.ChannelConnectivity) -> None:
+        states.append(state)
+        if state is grpc.ChannelConnectivity.IDLE and grpc.ChannelConnectivity.READY in states:
+            renewed.set()
+
+    t = np.linspace(-1, 1, 64, dtype=np.float32)
+    with DistillClient(running.target, timeout=10) as client:
+        with client.stream(MSE) as session:
+            assert session.step([t], [t + 1]).total == pytest.approx(1.0)
+            with grpc.insecure_channel(running.target) as channel:
+                channel.subscribe(watch, try_to_connect=True)
+                health = health_pb2_grpc.HealthStub(channel)
+                assert (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                )
+                assert renewed.wait(10), states  # READY, then IDLE: the server asked it to go
+                assert (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                )
+                channel.unsubscribe(watch)
+            # The stream began before the age ran out on the client's connection; it still steps.
+            assert session.step([t], [t - 2]).total == pytest.approx(4.0)
