@@ -38,6 +38,7 @@ MODULES = [
     "distill_server.probe",
     "distill_server.server",
     "distill_server.servicer",
+    "distill_server.shared_memory",
     "distill_server.status",
     "distill_server.supervisor",
     "distill_server.validation",

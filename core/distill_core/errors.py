@@ -17,15 +17,20 @@ the same class with the same fields, in any client::
     │   └── ShapeMismatch              SHAPE_MISMATCH
     ├── DeadlineExceeded               DEADLINE_EXCEEDED
     ├── NotFound                       NOT_FOUND
+    │   └── RegionNotFound             REGION_NOT_FOUND
     ├── PermissionDenied               PERMISSION_DENIED
+    │   └── RegionRefused              REGION_REFUSED
     ├── ResourceExhausted              RESOURCE_EXHAUSTED
     │   ├── MessageTooLarge            MESSAGE_TOO_LARGE
     │   └── LimitExceeded              LIMIT_EXCEEDED (limit, got)
     ├── FailedPrecondition             FAILED_PRECONDITION
+    │   ├── RegionTruncated            REGION_TRUNCATED
+    │   └── SharedMemoryDisabled       SHARED_MEMORY_DISABLED
     ├── OutOfRange                     OUT_OF_RANGE
     │   ├── LayerIndexOutOfRange       LAYER_INDEX_OUT_OF_RANGE (expected, got),
     │   │                              also a DimensionMismatch
-    │   └── LossOverflow               LOSS_OVERFLOW
+    │   ├── LossOverflow               LOSS_OVERFLOW
+    │   └── RegionOutOfBounds          REGION_OUT_OF_BOUNDS
     ├── Unimplemented                  UNIMPLEMENTED
     ├── Internal                       INTERNAL
     ├── Unavailable                    UNAVAILABLE
@@ -63,8 +68,13 @@ __all__ = [
     "NotFound",
     "OutOfRange",
     "PermissionDenied",
+    "RegionNotFound",
+    "RegionOutOfBounds",
+    "RegionRefused",
+    "RegionTruncated",
     "ResourceExhausted",
     "ShapeMismatch",
+    "SharedMemoryDisabled",
     "TeacherStudentMismatch",
     "Unauthenticated",
     "Unavailable",
@@ -238,6 +248,19 @@ class PermissionDenied(DistillError):
     reason = "PERMISSION_DENIED"
 
 
+class RegionNotFound(NotFound):
+    """A shared-memory file or region handle the server does not know."""
+
+    reason = "REGION_NOT_FOUND"
+
+
+class RegionRefused(PermissionDenied):
+    """A shared-memory file the server will not use: a symlink, not a
+    regular file, not its user's, or open to other users."""
+
+    reason = "REGION_REFUSED"
+
+
 class ResourceExhausted(DistillError):
     """A server limit was hit."""
 
@@ -279,6 +302,19 @@ class FailedPrecondition(DistillError):
     reason = "FAILED_PRECONDITION"
 
 
+class RegionTruncated(FailedPrecondition):
+    """A shared-memory region whose file was cut shorter after it was registered."""
+
+    reason = "REGION_TRUNCATED"
+
+
+class SharedMemoryDisabled(FailedPrecondition):
+    """The server shares no memory, or none with this client (another host,
+    another shared-memory directory or user)."""
+
+    reason = "SHARED_MEMORY_DISABLED"
+
+
 class OutOfRange(DistillError):
     """A value lies outside the range the operation allows."""
 
@@ -302,6 +338,13 @@ class LossOverflow(OutOfRange):
     """Finite inputs whose loss is not representable (overflows float64)."""
 
     reason = "LOSS_OVERFLOW"
+
+
+class RegionOutOfBounds(OutOfRange):
+    """A shared-memory range outside its region, or a file shorter than the
+    region it should hold."""
+
+    reason = "REGION_OUT_OF_BOUNDS"
 
 
 class Unimplemented(DistillError):

@@ -50,11 +50,13 @@ Chunk = bytes | memoryview
 
 @dataclass(frozen=True)
 class TensorView:
-    """A Tensor message whose ``data`` is a view on the request bytes."""
+    """A Tensor message whose ``data`` is a view on the request bytes (or, with
+    ``shared_memory`` set, on the bytes read from that range)."""
 
     dtype: int
     shape: Sequence[int]
     data: memoryview
+    shared_memory: pb.SharedMemoryRef | None = None
 
 
 def _varint(value: int) -> bytes:
@@ -79,6 +81,8 @@ class Framed:
 
 
 def _tensor_body(value: Any) -> list[Chunk]:
+    if isinstance(value, pb.Tensor):  # already a message: a shared-memory reference
+        return [value.SerializeToString()]
     code, array = to_wire(value)
     header = pb.Tensor(dtype=code, shape=array.shape).SerializeToString()
     return [header, *_len_field(_DATA_FIELD, [array.reshape(-1).view(np.uint8).data])]
@@ -88,8 +92,9 @@ def frame(message: Message, **fields: Any) -> Framed:
     """``message`` serialized, with message fields appended without copies.
 
     Each keyword names a message-typed field of ``message``: a Tensor field
-    takes arrays, any other message field takes :class:`Framed` messages; a
-    repeated field takes a sequence of them, a singular field one.
+    takes arrays (or Tensor messages, which carry no bytes of their own: a
+    shared-memory reference), any other message field takes :class:`Framed`
+    messages; a repeated field takes a sequence of them, a singular field one.
     """
     chunks: list[Chunk] = [message.SerializeToString()]
     by_name = message.DESCRIPTOR.fields_by_name
@@ -166,7 +171,8 @@ def _tensor(buffer: memoryview, spans: list[tuple[int, int]]) -> TensorView:
         message = pb.Tensor.FromString(b"".join(header))
     except DecodeError as exc:
         raise _malformed(str(exc)) from exc
-    return TensorView(message.dtype, tuple(message.shape), data)
+    shared = message.shared_memory if message.HasField("shared_memory") else None
+    return TensorView(message.dtype, tuple(message.shape), data, shared)
 
 
 def split(
@@ -191,7 +197,7 @@ def split(
     }
     rest: list[Chunk] = []
     spans: dict[str, list[list[tuple[int, int]]]] = {field.name: [] for field in by_number.values()}
-    most = 3 * max_tensors + _SCALAR_FIELDS  # layers, teachers and students, and the scalars
+    most = 4 * max_tensors + _SCALAR_FIELDS  # layers, teachers, students, gradient outputs, and the scalars
     for number, wire_type, field_start, value_start, value_stop in _fields(buffer, 0, len(buffer), most):
         field = by_number.get(number)
         if field is None or wire_type != _LEN:

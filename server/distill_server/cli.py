@@ -40,6 +40,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 0")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
@@ -150,6 +157,24 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
         "seconds a stream may wait for its next step before the server ends it",
         type=_positive_float,
     )
+    parser.flag(
+        "--shared-memory-dir",
+        defaults.shared_memory_dir,
+        "directory of the shared-memory files clients on this host register (RegisterSharedMemory)",
+        type=Path,
+    )
+    parser.flag(
+        "--max-shared-memory-mb",
+        limits.max_shared_memory_bytes // _MIB,
+        "most MiB of shared-memory regions registered at once; 0 turns shared memory off",
+        type=_non_negative,
+    )
+    parser.flag(
+        "--max-shared-memory-regions",
+        limits.max_shared_memory_regions,
+        "most shared-memory regions registered at once",
+        type=_positive,
+    )
     parser.flag("--metrics-port", None, "serve Prometheus metrics on this port (0 picks one)", type=int)
     parser.flag("--tls-cert", None, "PEM certificate chain: serve TLS", type=Path)
     parser.flag("--tls-key", None, "PEM private key of --tls-cert", type=Path)
@@ -184,6 +209,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
             max_inflight_bytes=None if args.max_inflight_mb is None else args.max_inflight_mb * _MIB,
             receive_timeout=args.receive_timeout,
             stream_idle_timeout=args.stream_idle_timeout,
+            max_shared_memory_bytes=args.max_shared_memory_mb * _MIB,
+            max_shared_memory_regions=args.max_shared_memory_regions,
         ),
         grace_seconds=args.grace,
         drain_delay_seconds=args.drain_delay,
@@ -193,6 +220,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         auth_token=token,
+        shared_memory_dir=args.shared_memory_dir,
     )
     try:
         config.limits.check()

@@ -32,6 +32,8 @@ class Limits:
     max_inflight_bytes: int | None = None
     receive_timeout: float = 30.0
     stream_idle_timeout: float = 300.0
+    max_shared_memory_bytes: int = 4096 * _MIB
+    max_shared_memory_regions: int = 64
 
     @property
     def inflight_bytes(self) -> int:
@@ -71,6 +73,7 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     auth_token: str | None = field(default=None, repr=False)
     reuse_port: bool = False
+    shared_memory_dir: Path | None = Path("/dev/shm")
 
     @property
     def address(self) -> str:

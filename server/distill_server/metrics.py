@@ -13,6 +13,8 @@ Names follow Prometheus conventions (base units, ``_total`` counters):
 - ``distill_inflight_bytes``: bytes of ``--max-inflight-mb`` reserved by unary
   calls: a message being received counts the message limit, then its size,
   then its answer's until the client has taken it.
+- ``distill_shared_memory_regions`` and ``distill_shared_memory_bytes``: the
+  shared-memory regions registered now, and their bytes.
 - ``distill_device_info{device, description}``: the compute device (always 1).
 
 The endpoint is bounded, whatever clients do (see ``_Endpoint``): one thread
@@ -99,6 +101,12 @@ class Metrics:
         )
         self.inflight_bytes = Gauge(
             "distill_inflight_bytes", "Bytes reserved by unary calls in flight (--max-inflight-mb).", registry=registry
+        )
+        self.shared_memory_regions = Gauge(
+            "distill_shared_memory_regions", "Shared-memory regions registered.", registry=registry
+        )
+        self.shared_memory_bytes = Gauge(
+            "distill_shared_memory_bytes", "Bytes of the shared-memory regions registered.", registry=registry
         )
         Info("distill_device", "The device computing losses.", registry=registry).info(
             {"device": device, "description": description}

@@ -25,6 +25,7 @@ from distill_server.config import ServerConfig, format_address
 from distill_server.decoding import DecodingInterceptor
 from distill_server.metrics import Metrics
 from distill_server.servicer import DistillServicer, add_to_server, log_failure
+from distill_server.shared_memory import Regions
 
 __all__ = ["DistillServer"]
 
@@ -122,7 +123,13 @@ class DistillServer:
                 *_connection_age(config.max_connection_age_seconds),
             ],
         )
-        self.servicer = DistillServicer(self.backend, self.executor, limits, self.metrics)
+        directory = config.shared_memory_dir
+        regions = Regions(
+            directory if directory is not None and directory.is_dir() else None,
+            limits.max_shared_memory_bytes,
+            limits.max_shared_memory_regions,
+        )
+        self.servicer = DistillServicer(self.backend, self.executor, limits, self.metrics, regions)
         add_to_server(self.servicer, self.server)
         self.health = _Health()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

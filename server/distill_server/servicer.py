@@ -25,11 +25,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Executor
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from distill.v1 import distill_pb2 as pb
 from distill_core import tensors, wire
@@ -50,18 +51,32 @@ from distill_server.admission import READ_COPIES, Budget, Reservation, Work
 from distill_server.backend import Backend
 from distill_server.config import Limits
 from distill_server.metrics import Metrics
+from distill_server.shared_memory import Regions
 from distill_server.status import bounded, to_rich_status, to_status
 
-__all__ = ["DistillServicer", "add_to_server", "log_failure"]
+__all__ = ["DistillServicer", "Parsed", "add_to_server", "log_failure"]
 
 log = logging.getLogger(__name__)
 
 _DROPPED = "dropped by the server"
 """The message of the cancellation :meth:`_Call.drop` sends its task."""
 
+_Message = TypeVar("_Message", bound=Message)
+Kind = Literal["unary", "stream", "lease"]
+
 INLINE_BYTES = 64 * 1024
 """Requests up to this size are computed on the event loop: a hop to a pool
 thread costs more (about 0.1 ms here) than their whole computation."""
+
+
+@dataclass(frozen=True)
+class Parsed(Generic[_Message]):
+    """A loss request: the message without its tensors, the tensors as views,
+    and how many bytes the server holds for it."""
+
+    message: _Message
+    views: dict[str, list[wire.TensorView]]
+    nbytes: int
 
 
 class DistillServicer:
@@ -73,8 +88,12 @@ class DistillServicer:
     their own concurrency limits, so neither can starve the other.
     """
 
-    def __init__(self, backend: Backend, executor: Executor, limits: Limits, metrics: Metrics) -> None:
+    def __init__(
+        self, backend: Backend, executor: Executor, limits: Limits, metrics: Metrics, regions: Regions
+    ) -> None:
         self.backend = backend
+        self.regions = regions
+        self._leases: dict[str, asyncio.Event] = {}
         self.executor = executor
         self.limits = limits
         self.metrics = metrics
@@ -91,22 +110,25 @@ class DistillServicer:
             supported_dtypes=list(tensors.DTYPES),
             supported_loss_kinds=[kind.value for kind in LossKind],
             max_message_bytes=limits.max_message_bytes,
+            shared_memory=regions.info(),
         ).SerializeToString()
 
     # ------------------------------------------------------------ the RPCs
 
     async def ComputeLayerLoss(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         async with self._call("ComputeLayerLoss", context) as call:
-            await call.answer(await call.run(self._layer_loss, await call.request()))
+            request = call.hold(self._parse(pb.ComputeLayerLossRequest, await call.request()))
+            await call.answer(await call.run(self._layer_loss, request))
 
     async def ComputeTotalLoss(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         async with self._call("ComputeTotalLoss", context) as call:
-            await call.answer(await call.run(self._total_loss, await call.request()))
+            request = call.hold(self._parse(pb.ComputeTotalLossRequest, await call.request()))
+            await call.answer(await call.run(self._total_loss, request))
 
     async def StreamLosses(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         """One configuration, then one response per step; a failed step
         answers with its error and the stream goes on."""
-        async with self._call("StreamLosses", context, stream=True) as call:
+        async with self._call("StreamLosses", context, kind="stream") as call:
             first = await call.receive(self.limits.receive_timeout, "--receive-timeout")
             if first is None:
                 return
@@ -119,43 +141,142 @@ class DistillServicer:
 
     async def GetServerInfo(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         async with self._call("GetServerInfo", context) as call:
-            try:
-                pb.GetServerInfoRequest.FromString(await call.request())
-            except DecodeError as exc:
-                raise InvalidArgument(f"malformed request: {exc}") from exc
+            self._small(pb.GetServerInfoRequest, await call.request())
             await call.answer(self.info)
+
+    async def RegisterSharedMemory(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        """Register a region, answer its handle, and hold it while the call is open."""
+        async with self._call("RegisterSharedMemory", context, kind="lease") as call:
+            region = self.regions.register(self._small(pb.RegisterSharedMemoryRequest, await call.request()))
+            self._leases[region.handle] = lease = asyncio.Event()
+            self._count_regions()
+            try:
+                log.debug("region registered: peer=%s bytes=%d", call.peer, region.byte_size)
+                await call.answer(
+                    pb.RegisterSharedMemoryResponse(
+                        region=region.handle, byte_size=region.byte_size
+                    ).SerializeToString()
+                )
+                await lease.wait()  # UnregisterSharedMemory; or the call ends: cancelled, gone, dropped
+            finally:
+                del self._leases[region.handle]
+                self.regions.release(region)
+                self._count_regions()
+
+    async def UnregisterSharedMemory(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        async with self._call("UnregisterSharedMemory", context) as call:
+            request = self._small(pb.UnregisterSharedMemoryRequest, await call.request())
+            region = self.regions.get(request.region)
+            self._leases[region.handle].set()
+            await call.answer(pb.UnregisterSharedMemoryResponse().SerializeToString())
+
+    async def GetSharedMemoryStatus(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        async with self._call("GetSharedMemoryStatus", context) as call:
+            request = self._small(pb.GetSharedMemoryStatusRequest, await call.request())
+            await call.answer(self.regions.status(list(request.regions)).SerializeToString())
 
     # ------------------------------------------------------------ the work
 
-    def _layer_loss(self, payload: bytes) -> bytes:
-        request, views = wire.split(pb.ComputeLayerLossRequest, payload, self.limits.max_layers)
+    def _parse(self, message_type: type[_Message], payload: bytes) -> Parsed[_Message]:
+        """A loss request split (tensors as views on ``payload``), with the
+        bytes it makes the server hold: its own and those it names in
+        shared memory, which the message limit bounds as it bounds inline ones.
+
+        Raises:
+            InvalidArgument, LimitExceeded: see :func:`distill_core.wire.split`.
+            MessageTooLarge: more bytes in shared memory than ``--max-message-mb``.
+        """
+        message, views = wire.split(message_type, payload, self.limits.max_layers)
+        shared = sum(v.shared_memory.byte_size for vs in views.values() for v in vs if v.shared_memory is not None)
+        if len(payload) + shared > self.limits.max_message_bytes:
+            raise MessageTooLarge(
+                f"the request's tensors in shared memory hold {shared} bytes, which with its own {len(payload)} "
+                f"is over this server's limit of {self.limits.max_message_bytes} (--max-message-mb); send fewer "
+                "layers per call"
+            )
+        return Parsed(message, views, len(payload) + shared)
+
+    @staticmethod
+    def _small(message_type: type[_Message], payload: bytes) -> _Message:
+        """A request without tensors, parsed."""
+        try:
+            return message_type.FromString(payload)
+        except DecodeError as exc:
+            raise InvalidArgument(f"malformed request: {exc}") from exc
+
+    def _layer_loss(self, parsed: Parsed[pb.ComputeLayerLossRequest]) -> bytes:
+        request, views = parsed.message, parsed.views
         layers = validation.layers(request.layers, self.limits)
         index = validation.layer_index(request.layer_index)
-        teacher = validation.tensor(views["teacher"], "teacher")
-        student = validation.tensor(views["student"], "student")
+        teacher = validation.tensor(self._resolve(views["teacher"], "teacher", repeated=False), "teacher")
+        student = validation.tensor(self._resolve(views["student"], "student", repeated=False), "student")
+        outputs = self._outputs(
+            [request.gradient_output] if request.HasField("gradient_output") else [], 1, request.return_gradients
+        )
         self._count_elements("ComputeLayerLoss", [teacher, student])
         result = engine.layer_loss(
             layers, index, *self._on_device([teacher, student]), gradient=request.return_gradients
         )
-        return wire.build(pb.ComputeLayerLossResponse(), layer_loss=self._encode(result, student.dtype))
+        encoded = self._encode(result, student.dtype, outputs[0] if outputs else None, "gradient_output")
+        return wire.build(pb.ComputeLayerLossResponse(), layer_loss=encoded)
 
-    def _total_loss(self, payload: bytes) -> bytes:
-        request, views = wire.split(pb.ComputeTotalLossRequest, payload, self.limits.max_layers)
+    def _total_loss(self, parsed: Parsed[pb.ComputeTotalLossRequest]) -> bytes:
+        request = parsed.message
         layers = validation.layers(request.layers, self.limits)
-        total, results = self._total("ComputeTotalLoss", layers, views, request.return_gradients)
+        total, results = self._total(
+            "ComputeTotalLoss", layers, parsed.views, request.return_gradients, request.gradient_outputs
+        )
         return wire.build(pb.ComputeTotalLossResponse(total_loss=total), layer_losses=results)
 
     def _total(
-        self, rpc: str, layers: list[engine.Layer], views: dict[str, list[wire.TensorView]], gradients: bool
+        self,
+        rpc: str,
+        layers: list[engine.Layer],
+        views: dict[str, list[wire.TensorView]],
+        gradients: bool,
+        outputs: Sequence[pb.SharedMemoryRef],
     ) -> tuple[float, list[wire.Framed]]:
         """Decode the tensors, compute every layer, encode the results."""
-        teachers = validation.tensor_list(views["teachers"], "teachers")
-        students = validation.tensor_list(views["students"], "students")
+        teachers = validation.tensor_list(self._resolve(views["teachers"], "teachers"), "teachers")
+        students = validation.tensor_list(self._resolve(views["students"], "students"), "students")
+        targets: list[pb.SharedMemoryRef | None] = [*self._outputs(outputs, len(layers), gradients)]
+        targets = targets or [None] * len(students)
         self._count_elements(rpc, teachers + students)
         total, results = engine.total_loss(
             layers, self._on_device(teachers), self._on_device(students), gradient=gradients
         )
-        return total, [self._encode(r, s.dtype) for r, s in zip(results, students, strict=True)]
+        return total, [
+            self._encode(r, s.dtype, target, f"gradient_outputs[{i}]")
+            for i, (r, s, target) in enumerate(zip(results, students, targets, strict=True))
+        ]
+
+    def _resolve(self, views: list[wire.TensorView], field: str, repeated: bool = True) -> list[wire.TensorView]:
+        """``views`` with the bytes of those in shared memory read from their regions."""
+        return [self._read(view, f"{field}[{i}]" if repeated else field) for i, view in enumerate(views)]
+
+    def _read(self, view: wire.TensorView, field: str) -> wire.TensorView:
+        if view.shared_memory is None:
+            return view
+        if len(view.data):
+            raise InvalidArgument(f"{field} sets both data and shared_memory; set one", field=field)
+        data = self.regions.read(view.shared_memory, f"{field}.shared_memory")
+        return wire.TensorView(view.dtype, view.shape, data)
+
+    @staticmethod
+    def _outputs(outputs: Sequence[pb.SharedMemoryRef], layers: int, gradients: bool) -> list[pb.SharedMemoryRef]:
+        """The shared-memory ranges gradients go to: none, or one per layer."""
+        if outputs and not gradients:
+            raise InvalidArgument("gradient outputs are set but no gradients are asked for", field="gradient_outputs")
+        if outputs and len(outputs) != layers:
+            raise InvalidArgument(
+                f"{len(outputs)} gradient outputs for {layers} layers; send none or one per layer",
+                field="gradient_outputs",
+            )
+        return list(outputs)
+
+    def _count_regions(self) -> None:
+        self.metrics.shared_memory_regions.set(len(self.regions))
+        self.metrics.shared_memory_bytes.set(self.regions.registered_bytes)
 
     def _count_elements(self, rpc: str, arrays: Sequence[np.ndarray]) -> None:
         self.metrics.elements.labels(rpc).inc(validation.elements(arrays, self.limits))
@@ -163,14 +284,20 @@ class DistillServicer:
     def _on_device(self, arrays: list[np.ndarray]) -> list[Any]:
         return [self.backend.to_device(array) for array in arrays]
 
-    def _encode(self, result: engine.LayerResult, dtype: np.dtype[Any]) -> wire.Framed:
+    def _encode(
+        self, result: engine.LayerResult, dtype: np.dtype[Any], output: pb.SharedMemoryRef | None, field: str
+    ) -> wire.Framed:
         """A layer's result, its gradient in the student's wire dtype framed
-        without protobuf's copies."""
+        without protobuf's copies, or written to ``output`` in shared memory."""
         message = result.loss.to_proto()
         if result.gradient is None:
             return wire.frame(message)
-        gradient = self.backend.to_host(result.gradient).astype(dtype, copy=False)
-        return wire.frame(message, student_gradient=gradient)
+        code, gradient = tensors.to_wire(self.backend.to_host(result.gradient).astype(dtype, copy=False))
+        if output is None:
+            return wire.frame(message, student_gradient=gradient)
+        self.regions.write(output, gradient.reshape(-1).view(np.uint8).data, field)
+        reference = pb.Tensor(dtype=code, shape=gradient.shape, shared_memory=output)
+        return wire.frame(message, student_gradient=reference)
 
     def _stream_config(self, payload: bytes) -> tuple[list[engine.Layer], bool]:
         request, views = wire.split(pb.StreamLossesRequest, payload, self.limits.max_layers)
@@ -183,17 +310,17 @@ class DistillServicer:
     async def _step(self, call: _Call, payload: bytes, layers: list[engine.Layer], gradients: bool) -> bytes:
         step_id = 0
 
-        def step(payload: bytes) -> bytes:
-            nonlocal step_id
-            request, views = wire.split(pb.StreamLossesRequest, payload, self.limits.max_layers)
-            step_id = request.step_id
+        def step(parsed: Parsed[pb.StreamLossesRequest]) -> bytes:
+            request = parsed.message
             if request.HasField("config"):
                 raise InvalidArgument("config may be set only in the first message of a stream", field="config")
-            total, results = self._total("StreamLosses", layers, views, gradients)
+            total, results = self._total("StreamLosses", layers, parsed.views, gradients, request.gradient_outputs)
             return wire.build(pb.StreamLossesResponse(step_id=step_id, total_loss=total), layer_losses=results)
 
         try:
-            response = await call.run(step, payload)
+            parsed = self._parse(pb.StreamLossesRequest, payload)
+            step_id = parsed.message.step_id
+            response = await call.run(step, parsed)
         except DistillError as error:
             if error is call.dropped:
                 raise  # the stream is over (dropped: a drain, a timeout), not the step
@@ -203,14 +330,14 @@ class DistillServicer:
         self.metrics.stream_steps.labels("OK").inc()
         return response
 
-    def compute(self, method: Callable[[bytes], bytes], payload: bytes, work: Work | None = None) -> bytes:
+    def compute(self, method: Callable[[Parsed[Any]], bytes], request: Parsed[Any], work: Work | None = None) -> bytes:
         """Run ``method`` on the device, stoppable between blocks through
         ``work``; an answer over the message limit is an error, not a send."""
         if work is not None:
             work.check()  # dropped while it was queued
         interruptible = engine.interruptible(work.check) if work else contextlib.nullcontext()
         with self.backend.activate(), interruptible:
-            response = method(payload)
+            response = method(request)
         if len(response) > self.limits.max_message_bytes:
             raise MessageTooLarge(
                 f"the answer would be {len(response)} bytes, over this server's limit of "
@@ -241,15 +368,23 @@ class DistillServicer:
     # ------------------------------------------------------------ the machinery
 
     @contextlib.asynccontextmanager
-    async def _call(self, rpc: str, context: grpc.aio.ServicerContext, stream: bool = False) -> AsyncIterator[_Call]:
-        """Admit, count and time one call; a DistillError aborts it with its rich status."""
+    async def _call(self, rpc: str, context: grpc.aio.ServicerContext, kind: Kind = "unary") -> AsyncIterator[_Call]:
+        """Admit, count and time one call; a DistillError aborts it with its rich status.
+
+        A ``unary`` call takes a slot of ``--max-concurrent-calls`` and its
+        bytes from the budget; a ``stream`` a slot of
+        ``--max-concurrent-streams``; a ``lease`` (a shared-memory region's
+        registration, open while the region lives) no slot, its region
+        counting against the region limits instead.
+        """
         start, code = time.perf_counter(), "OK"
+        stream = kind == "stream"
         call = _Call(self, rpc, context, None if stream else self.budget)
         log.debug("call started: rpc=%s peer=%s", rpc, call.peer)
         self._calls.add(call)
         try:
             try:
-                with self._slot(rpc, stream):
+                with self._slot(rpc, kind):
                     yield call
             except asyncio.CancelledError as cancel:
                 if call.dropped is None or cancel.args != (_DROPPED,):  # the client went away
@@ -271,8 +406,16 @@ class DistillServicer:
             self.metrics.duration.labels(rpc).observe(time.perf_counter() - start)
 
     @contextlib.contextmanager
-    def _slot(self, rpc: str, stream: bool) -> Iterator[None]:
+    def _slot(self, rpc: str, kind: Kind) -> Iterator[None]:
         """Hold one of ``--max-concurrent-calls`` (or ``-streams``) slots (calls run on one event loop)."""
+        stream = kind == "stream"
+        if kind == "lease":
+            self.metrics.in_flight.labels(rpc).inc()
+            try:
+                yield
+            finally:
+                self.metrics.in_flight.labels(rpc).dec()
+            return
         active, limit, flag = (
             (self.active_streams, self.limits.max_concurrent_streams, "--max-concurrent-streams")
             if stream
@@ -344,8 +487,8 @@ class _Call:
             # context.read(), not the request iterator: its suspended generator keeps the last message alive.
             message = await self.context.read()
         payload = None if message is grpc.aio.EOF else message
-        if self._reservation is not None:
-            self._reservation.shrink(0 if payload is None else len(payload))
+        if self._reservation is not None and payload is None:
+            self._reservation.shrink(0)
         if payload is not None:
             self.servicer.metrics.received.labels(self.rpc).inc(len(payload))
         return payload
@@ -355,6 +498,13 @@ class _Call:
         have been lost (a wait that finished as it came)."""
         if self.dropped is not None:
             raise self.dropped
+
+    def hold(self, request: Parsed[_Message]) -> Parsed[_Message]:
+        """Keep reserved only what ``request`` makes the server hold (a
+        received message keeps the read's whole reservation until then)."""
+        if self._reservation is not None:
+            self._reservation.shrink(request.nbytes)
+        return request
 
     async def request(self) -> bytes:
         """A unary call's one message."""
@@ -390,19 +540,19 @@ class _Call:
         finally:
             self.waiting = None
 
-    async def run(self, method: Callable[[bytes], bytes], payload: bytes) -> bytes:
-        """``method(payload)``: on the event loop when small, else in the pool,
+    async def run(self, method: Callable[[Parsed[Any]], bytes], request: Parsed[Any]) -> bytes:
+        """``method(request)``: on the event loop when small, else in the pool,
         where it stops at its next block once the call is abandoned."""
         servicer = self.servicer
         try:
-            if len(payload) <= INLINE_BYTES:
-                return servicer.compute(method, payload)
+            if request.nbytes <= INLINE_BYTES:
+                return servicer.compute(method, request)
             self._work = work = Work()
             if self.dropped is not None:
                 work.abandon(self.dropped)
             try:
                 loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(servicer.executor, servicer.compute, method, payload, work)
+                return await loop.run_in_executor(servicer.executor, servicer.compute, method, request, work)
             except asyncio.CancelledError:
                 work.abandon(Cancelled("the call was cancelled"))
                 raise

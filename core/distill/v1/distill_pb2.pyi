@@ -44,14 +44,26 @@ REDUCTION_FLATTEN: Reduction
 REDUCTION_PER_ROW: Reduction
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "shared_memory")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     dtype: Dtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    shared_memory: SharedMemoryRef
+    def __init__(self, dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryRef(_message.Message):
+    __slots__ = ("region", "offset", "byte_size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    byte_size: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
 
 class Loss(_message.Message):
     __slots__ = ("mse", "cosine", "kl_divergence", "combined_kl_mse", "reduction")
@@ -112,18 +124,20 @@ class LayerLoss(_message.Message):
     def __init__(self, layer_index: _Optional[int] = ..., name: _Optional[str] = ..., loss: _Optional[float] = ..., weighted_loss: _Optional[float] = ..., student_gradient: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ComputeLayerLossRequest(_message.Message):
-    __slots__ = ("layers", "layer_index", "teacher", "student", "return_gradients")
+    __slots__ = ("layers", "layer_index", "teacher", "student", "return_gradients", "gradient_output")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
     TEACHER_FIELD_NUMBER: _ClassVar[int]
     STUDENT_FIELD_NUMBER: _ClassVar[int]
     RETURN_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[Layer]
     layer_index: int
     teacher: Tensor
     student: Tensor
     return_gradients: bool
-    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., layer_index: _Optional[int] = ..., teacher: _Optional[_Union[Tensor, _Mapping]] = ..., student: _Optional[_Union[Tensor, _Mapping]] = ..., return_gradients: _Optional[bool] = ...) -> None: ...
+    gradient_output: SharedMemoryRef
+    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., layer_index: _Optional[int] = ..., teacher: _Optional[_Union[Tensor, _Mapping]] = ..., student: _Optional[_Union[Tensor, _Mapping]] = ..., return_gradients: _Optional[bool] = ..., gradient_output: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class ComputeLayerLossResponse(_message.Message):
     __slots__ = ("layer_loss",)
@@ -132,16 +146,18 @@ class ComputeLayerLossResponse(_message.Message):
     def __init__(self, layer_loss: _Optional[_Union[LayerLoss, _Mapping]] = ...) -> None: ...
 
 class ComputeTotalLossRequest(_message.Message):
-    __slots__ = ("layers", "teachers", "students", "return_gradients")
+    __slots__ = ("layers", "teachers", "students", "return_gradients", "gradient_outputs")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     TEACHERS_FIELD_NUMBER: _ClassVar[int]
     STUDENTS_FIELD_NUMBER: _ClassVar[int]
     RETURN_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[Layer]
     teachers: _containers.RepeatedCompositeFieldContainer[Tensor]
     students: _containers.RepeatedCompositeFieldContainer[Tensor]
     return_gradients: bool
-    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., teachers: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., students: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., return_gradients: _Optional[bool] = ...) -> None: ...
+    gradient_outputs: _containers.RepeatedCompositeFieldContainer[SharedMemoryRef]
+    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., teachers: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., students: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., return_gradients: _Optional[bool] = ..., gradient_outputs: _Optional[_Iterable[_Union[SharedMemoryRef, _Mapping]]] = ...) -> None: ...
 
 class ComputeTotalLossResponse(_message.Message):
     __slots__ = ("total_loss", "layer_losses")
@@ -160,16 +176,18 @@ class StreamConfig(_message.Message):
     def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., return_gradients: _Optional[bool] = ...) -> None: ...
 
 class StreamLossesRequest(_message.Message):
-    __slots__ = ("config", "step_id", "teachers", "students")
+    __slots__ = ("config", "step_id", "teachers", "students", "gradient_outputs")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     TEACHERS_FIELD_NUMBER: _ClassVar[int]
     STUDENTS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     config: StreamConfig
     step_id: int
     teachers: _containers.RepeatedCompositeFieldContainer[Tensor]
     students: _containers.RepeatedCompositeFieldContainer[Tensor]
-    def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., step_id: _Optional[int] = ..., teachers: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., students: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+    gradient_outputs: _containers.RepeatedCompositeFieldContainer[SharedMemoryRef]
+    def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., step_id: _Optional[int] = ..., teachers: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., students: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., gradient_outputs: _Optional[_Iterable[_Union[SharedMemoryRef, _Mapping]]] = ...) -> None: ...
 
 class StreamLossesResponse(_message.Message):
     __slots__ = ("step_id", "total_loss", "layer_losses", "error")
@@ -188,17 +206,89 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "device", "device_description", "supported_dtypes", "supported_loss_kinds", "max_message_bytes")
+    __slots__ = ("version", "device", "device_description", "supported_dtypes", "supported_loss_kinds", "max_message_bytes", "shared_memory")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     SUPPORTED_DTYPES_FIELD_NUMBER: _ClassVar[int]
     SUPPORTED_LOSS_KINDS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     version: str
     device: str
     device_description: str
     supported_dtypes: _containers.RepeatedScalarFieldContainer[Dtype]
     supported_loss_kinds: _containers.RepeatedScalarFieldContainer[LossKind]
     max_message_bytes: int
-    def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., device_description: _Optional[str] = ..., supported_dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., supported_loss_kinds: _Optional[_Iterable[_Union[LossKind, str]]] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    shared_memory: SharedMemoryInfo
+    def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., device_description: _Optional[str] = ..., supported_dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., supported_loss_kinds: _Optional[_Iterable[_Union[LossKind, str]]] = ..., max_message_bytes: _Optional[int] = ..., shared_memory: _Optional[_Union[SharedMemoryInfo, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryInfo(_message.Message):
+    __slots__ = ("enabled", "directory", "key_prefix", "max_bytes", "max_regions")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    KEY_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REGIONS_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    directory: str
+    key_prefix: str
+    max_bytes: int
+    max_regions: int
+    def __init__(self, enabled: _Optional[bool] = ..., directory: _Optional[str] = ..., key_prefix: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_regions: _Optional[int] = ...) -> None: ...
+
+class SystemSharedMemory(_message.Message):
+    __slots__ = ("key", "byte_size")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    byte_size: int
+    def __init__(self, key: _Optional[str] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
+class RegisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("system",)
+    SYSTEM_FIELD_NUMBER: _ClassVar[int]
+    system: SystemSharedMemory
+    def __init__(self, system: _Optional[_Union[SystemSharedMemory, _Mapping]] = ...) -> None: ...
+
+class RegisterSharedMemoryResponse(_message.Message):
+    __slots__ = ("region", "byte_size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    byte_size: int
+    def __init__(self, region: _Optional[str] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
+class UnregisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("region",)
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    def __init__(self, region: _Optional[str] = ...) -> None: ...
+
+class UnregisterSharedMemoryResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetSharedMemoryStatusRequest(_message.Message):
+    __slots__ = ("regions",)
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    regions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, regions: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SharedMemoryRegionStatus(_message.Message):
+    __slots__ = ("region", "key", "byte_size", "calls_in_flight")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CALLS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    key: str
+    byte_size: int
+    calls_in_flight: int
+    def __init__(self, region: _Optional[str] = ..., key: _Optional[str] = ..., byte_size: _Optional[int] = ..., calls_in_flight: _Optional[int] = ...) -> None: ...
+
+class GetSharedMemoryStatusResponse(_message.Message):
+    __slots__ = ("regions",)
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    regions: _containers.RepeatedCompositeFieldContainer[SharedMemoryRegionStatus]
+    def __init__(self, regions: _Optional[_Iterable[_Union[SharedMemoryRegionStatus, _Mapping]]] = ...) -> None: ...

@@ -55,6 +55,21 @@ class DistillServiceStub:
                 request_serializer=distill_dot_v1_dot_distill__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=distill_dot_v1_dot_distill__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.RegisterSharedMemory = channel.unary_stream(
+                '/distill.v1.DistillService/RegisterSharedMemory',
+                request_serializer=distill_dot_v1_dot_distill__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=distill_dot_v1_dot_distill__pb2.RegisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.UnregisterSharedMemory = channel.unary_unary(
+                '/distill.v1.DistillService/UnregisterSharedMemory',
+                request_serializer=distill_dot_v1_dot_distill__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=distill_dot_v1_dot_distill__pb2.UnregisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.GetSharedMemoryStatus = channel.unary_unary(
+                '/distill.v1.DistillService/GetSharedMemoryStatus',
+                request_serializer=distill_dot_v1_dot_distill__pb2.GetSharedMemoryStatusRequest.SerializeToString,
+                response_deserializer=distill_dot_v1_dot_distill__pb2.GetSharedMemoryStatusResponse.FromString,
+                _registered_method=True)
 
 
 class DistillServiceServicer:
@@ -146,6 +161,61 @@ class DistillServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterSharedMemory(self, request, context):
+        """Registers a shared-memory region the client created, so that tensors
+        and gradients can be exchanged through it instead of inline bytes (a
+        client on the server's host; see SharedMemoryRef).
+
+        The region is a file the client created in the server's shared-memory
+        directory (GetServerInfo's `shared_memory.directory`, /dev/shm), named
+        with the prefix `shared_memory.key_prefix` ("distill-") followed by 1 to
+        200 of [A-Za-z0-9_.-]; a regular file, not a symlink, owned by the
+        server's user and accessible to it alone (mode 0600), at least
+        `byte_size` bytes long. The server opens it once, here, and reads and
+        writes it through that descriptor only, so the client may remove the
+        name at once (it need not outlive a crash).
+
+        The call is the region's lease: its one response carries the region's
+        handle, and the call then stays open. The region is released when the
+        call ends: the client cancels it or goes away (its connection closes),
+        UnregisterSharedMemory ends it with OK, or the server stops. Handles
+        are random and known only to the client that registered the region.
+
+        Errors (status code, ErrorInfo reason):
+        - INVALID_ARGUMENT, INVALID_ARGUMENT: a key that is not the prefix and
+        1 to 200 allowed characters, or a `byte_size` of 0.
+        - NOT_FOUND, REGION_NOT_FOUND: no such file in the directory.
+        - PERMISSION_DENIED, REGION_REFUSED: a symlink, not a regular file, not
+        owned by the server's user, or open to other users.
+        - OUT_OF_RANGE, REGION_OUT_OF_BOUNDS: the file is shorter than
+        `byte_size`.
+        - RESOURCE_EXHAUSTED, LIMIT_EXCEEDED: the server's limits on regions or
+        on their bytes (metadata `limit`, `got`).
+        - FAILED_PRECONDITION, SHARED_MEMORY_DISABLED: the server shares no
+        memory (`--max-shared-memory-mb 0`, or no shared-memory directory).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemory(self, request, context):
+        """Releases a region: ends its RegisterSharedMemory call with OK. Calls
+        already using the region finish first. Errors: NOT_FOUND,
+        REGION_NOT_FOUND for a handle this server does not hold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSharedMemoryStatus(self, request, context):
+        """Describes the regions whose handles the caller names (and no others).
+        Errors: NOT_FOUND, REGION_NOT_FOUND (metadata `field` = the handle's
+        position) for a handle this server does not hold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DistillServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -168,6 +238,21 @@ def add_DistillServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=distill_dot_v1_dot_distill__pb2.GetServerInfoRequest.FromString,
                     response_serializer=distill_dot_v1_dot_distill__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'RegisterSharedMemory': grpc.unary_stream_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=distill_dot_v1_dot_distill__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=distill_dot_v1_dot_distill__pb2.RegisterSharedMemoryResponse.SerializeToString,
+            ),
+            'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemory,
+                    request_deserializer=distill_dot_v1_dot_distill__pb2.UnregisterSharedMemoryRequest.FromString,
+                    response_serializer=distill_dot_v1_dot_distill__pb2.UnregisterSharedMemoryResponse.SerializeToString,
+            ),
+            'GetSharedMemoryStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSharedMemoryStatus,
+                    request_deserializer=distill_dot_v1_dot_distill__pb2.GetSharedMemoryStatusRequest.FromString,
+                    response_serializer=distill_dot_v1_dot_distill__pb2.GetSharedMemoryStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -279,6 +364,87 @@ class DistillService:
             '/distill.v1.DistillService/GetServerInfo',
             distill_dot_v1_dot_distill__pb2.GetServerInfoRequest.SerializeToString,
             distill_dot_v1_dot_distill__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/distill.v1.DistillService/RegisterSharedMemory',
+            distill_dot_v1_dot_distill__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            distill_dot_v1_dot_distill__pb2.RegisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distill.v1.DistillService/UnregisterSharedMemory',
+            distill_dot_v1_dot_distill__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+            distill_dot_v1_dot_distill__pb2.UnregisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSharedMemoryStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distill.v1.DistillService/GetSharedMemoryStatus',
+            distill_dot_v1_dot_distill__pb2.GetSharedMemoryStatusRequest.SerializeToString,
+            distill_dot_v1_dot_distill__pb2.GetSharedMemoryStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,280 @@
+"""Shared-memory regions that clients on this host register, so that their
+tensors and gradients need not cross a socket.
+
+A region is a file a client created in the shared-memory directory
+(/dev/shm). The server opens it once, at registration, and from then on
+reads and writes it through that descriptor with ``pread``/``pwrite`` only:
+
+- it never maps a client's file, so a client that truncates its file
+  mid-call cannot raise SIGBUS in the server: a short read is an error
+  (REGION_TRUNCATED) for that call alone;
+- the client may remove the name at once (the descriptor keeps the memory),
+  so nothing is left behind when either side dies;
+- only a name with the fixed prefix, directly in the directory, opened
+  without following a symlink (``O_NOFOLLOW``) and without blocking (a FIFO
+  cannot stall the event loop), a regular file owned by the server's user
+  and closed to every other user (mode 0600), is accepted: a client cannot
+  make the server open anything else, the server's own files included;
+- regions are named to clients by a random handle, never by another
+  client's key, and are bounded in number and bytes.
+
+A region lives while its ``RegisterSharedMemory`` call is open (the
+servicer releases it when that call ends); calls reading or writing it hold
+it, so its descriptor is closed only once they are done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from distill.v1 import distill_pb2 as pb
+from distill_core.errors import (
+    InvalidArgument,
+    LimitExceeded,
+    RegionNotFound,
+    RegionOutOfBounds,
+    RegionRefused,
+    RegionTruncated,
+    SharedMemoryDisabled,
+)
+
+__all__ = ["KEY_PREFIX", "Region", "Regions"]
+
+KEY_PREFIX = "distill-"
+_KEY = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_.-]{1,200}")
+_OPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+@dataclass(eq=False)
+class Region:
+    """A registered file: its handle, key, size and descriptor."""
+
+    handle: str
+    key: str
+    byte_size: int
+    fd: int
+    users: int = 0
+    released: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _close_if_done(self) -> None:
+        if self.released and self.users == 0 and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Regions:
+    """The regions registered with one server, and their limits.
+
+    ``register`` and ``release`` run on the event loop; ``read`` and
+    ``write`` may run in worker threads.
+    """
+
+    def __init__(self, directory: Path | None, max_bytes: int, max_regions: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.max_regions = max_regions
+        self._regions: dict[str, Region] = {}
+        self._bytes = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether regions can be registered at all."""
+        return self.directory is not None and self.max_bytes > 0 and self.max_regions > 0
+
+    def info(self) -> pb.SharedMemoryInfo:
+        """What GetServerInfo says of shared memory."""
+        if not self.enabled:
+            return pb.SharedMemoryInfo(enabled=False)
+        return pb.SharedMemoryInfo(
+            enabled=True,
+            directory=str(self.directory),
+            key_prefix=KEY_PREFIX,
+            max_bytes=self.max_bytes,
+            max_regions=self.max_regions,
+        )
+
+    @property
+    def registered_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._regions)
+
+    def register(self, request: pb.RegisterSharedMemoryRequest) -> Region:
+        """Open and check the file a registration names; the new region.
+
+        Raises:
+            SharedMemoryDisabled, InvalidArgument, RegionNotFound,
+            RegionRefused, RegionOutOfBounds, LimitExceeded: see the proto's
+            RegisterSharedMemory.
+        """
+        if not self.enabled or self.directory is None:
+            raise SharedMemoryDisabled(
+                "this server shares no memory (--max-shared-memory-mb 0 or no --shared-memory-dir); send tensors inline"
+            )
+        if not request.HasField("system"):
+            raise InvalidArgument("the registration names no memory; set system", field="system")
+        key, size = request.system.key, request.system.byte_size
+        if not _KEY.fullmatch(key):
+            raise InvalidArgument(
+                f"system.key must be {KEY_PREFIX!r} followed by 1 to 200 of [A-Za-z0-9_.-]; got {key[:64]!r}",
+                field="system.key",
+            )
+        if size <= 0:
+            raise InvalidArgument(f"system.byte_size is {size}; expected > 0", field="system.byte_size")
+        if len(self._regions) >= self.max_regions:
+            raise LimitExceeded(
+                f"this server holds its limit of {self.max_regions} shared-memory regions "
+                "(--max-shared-memory-regions); unregister some",
+                limit=self.max_regions,
+                got=len(self._regions) + 1,
+            )
+        if self._bytes + size > self.max_bytes:
+            raise LimitExceeded(
+                f"registering {size} bytes would make {self._bytes + size}; this server takes at most "
+                f"{self.max_bytes} bytes of shared memory (--max-shared-memory-mb)",
+                field="system.byte_size",
+                limit=self.max_bytes,
+                got=self._bytes + size,
+            )
+        fd = self._open(key, size)
+        region = Region(secrets.token_hex(16), key, size, fd)
+        self._regions[region.handle] = region
+        self._bytes += size
+        return region
+
+    def _open(self, key: str, size: int) -> int:
+        where = f"{key!r} in {self.directory}"
+        try:
+            fd = os.open(Path(self.directory or "") / key, _OPEN_FLAGS)
+        except FileNotFoundError:
+            raise RegionNotFound(f"no file {where}", field="system.key") from None
+        except OSError as exc:  # ELOOP: a symlink (O_NOFOLLOW); EACCES; ENXIO: a FIFO without a writer
+            raise RegionRefused(f"{where} cannot be opened: {exc.strerror}", field="system.key") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise RegionRefused(f"{where} is not a regular file", field="system.key")
+            if info.st_uid != os.geteuid():
+                raise RegionRefused(f"{where} is not owned by the server's user", field="system.key")
+            if info.st_mode & 0o077:
+                raise RegionRefused(
+                    f"{where} is open to other users (mode {stat.S_IMODE(info.st_mode):o}); create it with mode 600",
+                    field="system.key",
+                )
+            if info.st_size < size:
+                raise RegionOutOfBounds(
+                    f"{where} holds {info.st_size} bytes; the region needs {size}", field="system.byte_size"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def release(self, region: Region) -> None:
+        """Forget ``region``; its descriptor is closed once no call uses it."""
+        if self._regions.pop(region.handle, None) is region:
+            self._bytes -= region.byte_size
+        with region.lock:
+            region.released = True
+            region._close_if_done()
+
+    def get(self, handle: str, field: str = "region") -> Region:
+        """The region of ``handle``.
+
+        Raises:
+            RegionNotFound: no region of this server has that handle.
+        """
+        region = self._regions.get(handle)
+        if region is None:
+            raise RegionNotFound(f"{field}: no shared-memory region registered with this handle", field=field)
+        return region
+
+    def status(self, handles: list[str]) -> pb.GetSharedMemoryStatusResponse:
+        """The regions of ``handles``, in order."""
+        return pb.GetSharedMemoryStatusResponse(
+            regions=[
+                pb.SharedMemoryRegionStatus(
+                    region=region.handle, key=region.key, byte_size=region.byte_size, calls_in_flight=region.users
+                )
+                for region in (self.get(handle, f"regions[{i}]") for i, handle in enumerate(handles))
+            ]
+        )
+
+    @contextlib.contextmanager
+    def _using(self, ref: pb.SharedMemoryRef, field: str) -> Iterator[Region]:
+        """The region of ``ref``, its range checked, held open for the block."""
+        region = self.get(ref.region, f"{field}.region")
+        end = ref.offset + ref.byte_size  # Python integers: no overflow to check
+        if end > region.byte_size:
+            raise RegionOutOfBounds(
+                f"{field}: bytes {ref.offset} to {end} are outside the region's {region.byte_size}",
+                field=field,
+            )
+        with region.lock:
+            if region.fd < 0:
+                raise RegionNotFound(f"{field}.region: the region was unregistered", field=f"{field}.region")
+            region.users += 1
+        try:
+            yield region
+        finally:
+            with region.lock:
+                region.users -= 1
+                region._close_if_done()
+
+    def read(self, ref: pb.SharedMemoryRef, field: str) -> memoryview:
+        """The bytes of ``ref``, copied out of the region (one ``pread``).
+
+        Raises:
+            RegionNotFound, RegionOutOfBounds: an unknown handle or a range
+                outside the region.
+            RegionTruncated: the file is shorter than the range now.
+        """
+        with self._using(ref, field) as region:
+            data = np.empty(ref.byte_size, np.uint8).data  # no zero-filling pass
+            done = 0
+            while done < ref.byte_size:
+                count = os.preadv(region.fd, [data[done:]], ref.offset + done)
+                if count == 0:
+                    raise RegionTruncated(
+                        f"{field}: the region's file ends before byte {ref.offset + ref.byte_size}; it was cut "
+                        "shorter after it was registered",
+                        field=field,
+                    )
+                done += count
+            return data
+
+    def write(self, ref: pb.SharedMemoryRef, data: memoryview, field: str) -> None:
+        """Write ``data`` at ``ref`` (the sizes must agree).
+
+        Raises:
+            InvalidArgument: ``ref.byte_size`` differs from the data's size.
+            RegionNotFound, RegionOutOfBounds, RegionTruncated: as :meth:`read`.
+        """
+        if ref.byte_size != data.nbytes:
+            raise InvalidArgument(
+                f"{field}.byte_size is {ref.byte_size}; the gradient needs {data.nbytes} bytes",
+                field=f"{field}.byte_size",
+            )
+        with self._using(ref, field) as region:
+            if os.fstat(region.fd).st_size < ref.offset + ref.byte_size:  # pwrite would grow the file instead
+                raise RegionTruncated(
+                    f"{field}: the region's file ends before byte {ref.offset + ref.byte_size}; it was cut "
+                    "shorter after it was registered",
+                    field=field,
+                )
+            done = 0
+            flat = data.cast("B")
+            while done < flat.nbytes:
+                done += os.pwritev(region.fd, [flat[done:]], ref.offset + done)
