@@ -35,16 +35,19 @@ from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import strategies as st
 
 from distill.v1 import distill_pb2 as pb
+from distill_core import rpc
 
 __all__ = [
     "DTYPES",
     "RPC_METHOD_NAMES",
+    "handle_payloads",
     "health_payloads",
     "layer_loss_payloads",
     "log_errors",
     "method_names",
     "mutated",
     "reflection_streams",
+    "registration_payloads",
     "server_info_payloads",
     "stream_scripts",
     "total_loss_payloads",
@@ -58,7 +61,7 @@ DTYPES: dict[int, np.dtype[Any]] = {
 }
 """Wire dtype -> NumPy dtype (the proto's table, independent of the client's codec)."""
 
-RPC_METHOD_NAMES = ("ComputeLayerLoss", "ComputeTotalLoss", "StreamLosses", "GetServerInfo")
+RPC_METHOD_NAMES = tuple(rpc.RPCS)
 
 _INT64 = (-(2**63), 2**63 - 1)
 _INT32 = (-(2**31), 2**31 - 1)
@@ -525,6 +528,24 @@ def server_info_payloads() -> st.SearchStrategy[list[bytes]]:
         st.lists(random_field(), min_size=1, max_size=4).map(lambda fields: [b"".join(fields)]),
         variants(st.just(pb.GetServerInfoRequest())),
     )
+
+
+def registration_payloads(keys: Sequence[str]) -> st.SearchStrategy[list[bytes]]:
+    """RegisterSharedMemory requests: the given keys (files that exist) or any
+    text, any size, then mutations."""
+    key = st.one_of(st.sampled_from(keys), st.text(max_size=40), st.just("distill-"))
+    sizes = st.one_of(st.integers(*_INT64), st.integers(0, 8192))
+    requests = st.builds(lambda k, n: pb.SystemSharedMemory(key=k, byte_size=n), key, sizes).map(
+        lambda system: pb.RegisterSharedMemoryRequest(system=system)
+    )
+    return variants(st.one_of(requests, st.just(pb.RegisterSharedMemoryRequest())))
+
+
+def handle_payloads() -> st.SearchStrategy[list[bytes]]:
+    """UnregisterSharedMemory and GetSharedMemoryStatus requests (the same
+    field numbers): handles no server gave, then mutations."""
+    handle = st.one_of(st.text(max_size=40), st.text("0123456789abcdef", min_size=32, max_size=32))
+    return variants(st.lists(handle, max_size=3).map(lambda h: pb.GetSharedMemoryStatusRequest(regions=h)))
 
 
 HEALTH_SERVICES = ("", "distill.v1.DistillService", "grpc.health.v1.Health", "nope")

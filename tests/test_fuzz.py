@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -386,6 +387,54 @@ def test_get_server_info(fuzz: Fuzz) -> None:
             if answer is not None:
                 info = pb.GetServerInfoResponse.FromString(answer)
                 assert info.device == "cpu" and info.max_message_bytes == 4 * 1024 * 1024
+
+    fuzz.run(check)
+
+
+SHARED_MEMORY_ALLOWED = ALLOWED | {Code.NOT_FOUND, Code.PERMISSION_DENIED}
+"""Registrations name files: missing (NOT_FOUND) or refused (PERMISSION_DENIED)."""
+
+
+@pytest.fixture
+def shm_key() -> Iterator[str]:
+    """A file a client may register: in /dev/shm, mode 0600, 4096 bytes."""
+    path = Path("/dev/shm") / f"distill-fuzz-{os.getpid()}"
+    path.touch(0o600)
+    os.truncate(path, 4096)
+    yield path.name
+    path.unlink()
+
+
+def test_shared_memory(fuzz: Fuzz, shm_key: str) -> None:
+    register, unregister, status = (
+        SERVICE + name for name in ("RegisterSharedMemory", "UnregisterSharedMemory", "GetSharedMemoryStatus")
+    )
+
+    @fuzz_settings(300)
+    @given(fuzzing.registration_payloads([shm_key]), fuzzing.handle_payloads())
+    @example([b"\x00", b"\x0a\x01\xff"], [b"\x00"])  # undecodable
+    def check(registrations: list[bytes], handles: list[bytes]) -> None:
+        for payload in registrations:
+            lease = fuzz.channel.unary_stream(register)(payload, timeout=CALL_TIMEOUT)
+            try:
+                region = pb.RegisterSharedMemoryResponse.FromString(next(lease))
+                asked = pb.RegisterSharedMemoryRequest.FromString(payload).system
+                assert (asked.key, region.byte_size) == (shm_key, asked.byte_size) and 0 < asked.byte_size <= 4096
+                code, answer, details = fuzz.unary(
+                    status, pb.GetSharedMemoryStatusRequest(regions=[region.region]).SerializeToString()
+                )
+                assert code is Code.OK and answer is not None, details
+                (held,) = pb.GetSharedMemoryStatusResponse.FromString(answer).regions
+                assert (held.region, held.key, held.byte_size) == (region.region, shm_key, asked.byte_size)
+            except grpc.RpcError as error:
+                fuzz.assert_alive(f"{register} with {show(payload)}")
+                allowed(register, error.code(), error.details() or "", show(payload), SHARED_MEMORY_ALLOWED)
+            finally:
+                lease.cancel()
+        for payload in handles:
+            for path in (unregister, status):
+                code, _, details = fuzz.unary(path, payload)
+                allowed(path, code, details, show(payload), SHARED_MEMORY_ALLOWED)
 
     fuzz.run(check)
 
