@@ -5,10 +5,12 @@ every way a client can get it wrong, with the server alive after each."""
 
 from __future__ import annotations
 
+import fcntl
 import math
 import mmap
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -106,10 +108,9 @@ def call(channel: grpc.Channel, name: str, request: Any, metadata: Any = None) -
 class Lease:
     """An open RegisterSharedMemory call: the region lives while it does."""
 
-    def __init__(self, channel: grpc.Channel, key: str, size: int, metadata: Any = None) -> None:
+    def __init__(self, channel: grpc.Channel, request: pb.RegisterSharedMemoryRequest, metadata: Any = None) -> None:
         method = rpc.RPCS["RegisterSharedMemory"]
         register = channel.unary_stream(method.path, response_deserializer=method.response.FromString)
-        request = pb.RegisterSharedMemoryRequest(system=pb.SystemSharedMemory(key=key, byte_size=size))
         self.call = register(request.SerializeToString(), metadata=metadata)
         try:
             self.handle = next(self.call).region
@@ -124,8 +125,16 @@ class Lease:
         self.call.cancel()
 
 
+def system(key: str, size: int) -> pb.RegisterSharedMemoryRequest:
+    return pb.RegisterSharedMemoryRequest(system=pb.SystemSharedMemory(key=key, byte_size=size))
+
+
+def sealed_request(ticket: str, size: int) -> pb.RegisterSharedMemoryRequest:
+    return pb.RegisterSharedMemoryRequest(sealed=pb.SealedSharedMemory(ticket=ticket, byte_size=size))
+
+
 def register(channel: grpc.Channel, region: Shm, size: int | None = None) -> Lease:
-    return Lease(channel, region.key, region.size if size is None else size)
+    return Lease(channel, system(region.key, region.size if size is None else size))
 
 
 def ref(lease: Lease, offset: int, nbytes: int) -> pb.SharedMemoryRef:
@@ -294,7 +303,7 @@ def test_server_info_says_how_it_shares_memory(channel: grpc.Channel) -> None:
 
 def refused(channel: grpc.Channel, key: str, size: int) -> DistillError:
     with pytest.raises(DistillError) as info:
-        Lease(channel, key, size)
+        Lease(channel, system(key, size))
     return info.value
 
 
@@ -424,7 +433,7 @@ def test_registration_needs_the_token(
         ):
             with pytest.raises(errors.Unauthenticated):
                 call(channel, name, request)
-        lease = Lease(channel, region.key, 4096, metadata=[("authorization", "Bearer s3cret")])
+        lease = Lease(channel, system(region.key, 4096), metadata=[("authorization", "Bearer s3cret")])
         lease.close()
 
 
@@ -548,3 +557,113 @@ sys.stdin.read()
     eventually(
         lambda: server.sample("distill_shared_memory_regions") == before, what="the dead client's region released"
     )
+
+
+# ------------------------------------------------------------------ sealed memory files
+
+
+def hand_over(path: str, fds: list[int], payload: bytes = b"\0") -> str:
+    """Send ``fds`` to the server's socket; its one-line answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(10)
+        connection.connect(path)
+        socket.send_fds(connection, [payload], fds)
+        return connection.makefile().readline().strip()
+
+
+class Sealed:
+    """A memory file sealed against shrinking, mapped, handed to the server."""
+
+    def __init__(self, channel: grpc.Channel, socket_path: str, size: int, seals: int = fcntl.F_SEAL_SHRINK) -> None:
+        self.fd = os.memfd_create("distill-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, size)
+        self.map = mmap.mmap(self.fd, size)
+        if seals:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, seals)
+        self.size = size
+        self.ticket = hand_over(socket_path, [self.fd])
+        self.channel = channel
+
+    def register(self, size: int | None = None) -> Lease:
+        return Lease(self.channel, sealed_request(self.ticket, self.size if size is None else size))
+
+    def put(self, array: np.ndarray, offset: int) -> int:
+        return Shm.put(self, array, offset)  # type: ignore[arg-type]
+
+    def get(self, dtype: Any, shape: tuple[int, ...], offset: int) -> np.ndarray:
+        return Shm.get(self, dtype, shape, offset)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def socket_path(channel: grpc.Channel) -> str:
+    path = call(channel, "GetServerInfo", pb.GetServerInfoRequest()).shared_memory.socket
+    assert path.startswith("/dev/shm/distill-server-") and os.stat(path).st_mode & 0o777 == 0o600
+    return path
+
+
+@pytest.mark.parametrize("loss", LOSSES[:4], ids=repr)
+def test_sealed_regions_give_the_inline_numbers_in_place(
+    channel: grpc.Channel, socket_path: str, loss: DistilLoss
+) -> None:
+    sealed = Sealed(channel, socket_path, 1 << 16)
+    with pytest.raises(PermissionError):
+        os.ftruncate(sealed.fd, 4096)  # the seal: nobody can take pages from under the server
+    t, s = features(np.float32, 5)
+    offset_s = sealed.put(t, 0)
+    offset_g = sealed.put(s, offset_s)
+    lease = sealed.register()
+    try:
+        request = pb.ComputeTotalLossRequest(
+            layers=layers(loss),
+            return_gradients=True,
+            teachers=[shared(lease, t, 0)],
+            students=[shared(lease, s, offset_s)],
+            gradient_outputs=[ref(lease, offset_g, s.nbytes)],
+        )
+        answer = call(channel, "ComputeTotalLoss", request)
+    finally:
+        lease.close()
+    inline = call(
+        channel,
+        "ComputeTotalLoss",
+        wire.build(pb.ComputeTotalLossRequest(layers=layers(loss), return_gradients=True), teachers=[t], students=[s]),
+    )
+    assert answer.total_loss == inline.total_loss
+    np.testing.assert_array_equal(
+        sealed.get(np.float32, s.shape, offset_g), tensors.decode(inline.layer_losses[0].student_gradient)
+    )
+
+
+def test_the_socket_takes_only_sealed_memory_files(
+    channel: grpc.Channel, socket_path: str, shm: Callable[..., Shm], tmp_path: Path
+) -> None:
+    unsealed = Sealed(channel, socket_path, 4096, seals=0)
+    error = refused_lease(lambda: unsealed.register())
+    assert isinstance(error, errors.RegionRefused) and "F_SEAL_SHRINK" in error.message
+    plain = os.open(shm(4096).path, os.O_RDWR)
+    try:
+        ticket = hand_over(socket_path, [plain])
+    finally:
+        os.close(plain)
+    error = refused_lease(lambda: Lease(channel, sealed_request(ticket, 4096)))
+    assert isinstance(error, errors.RegionRefused), error  # a file that cannot be sealed
+    sealed = Sealed(channel, socket_path, 4096)
+    assert isinstance(refused_lease(lambda: sealed.register(8192)), errors.RegionOutOfBounds)
+    for ticket in (sealed.ticket, "0" * 32, ""):  # each ticket registers once: that one was spent just now
+        assert isinstance(
+            refused_lease(lambda t=ticket: Lease(channel, sealed_request(t, 4096))), errors.RegionNotFound
+        )
+    two = [os.memfd_create("a"), os.memfd_create("b")]
+    try:
+        assert hand_over(socket_path, two).startswith("error: send exactly one descriptor")
+        assert hand_over(socket_path, []).startswith("error: send exactly one descriptor")
+    finally:
+        for fd in two:
+            os.close(fd)
+    assert call(channel, "GetServerInfo", pb.GetServerInfoRequest()).version
+
+
+def refused_lease(register: Callable[[], Lease]) -> DistillError:
+    with pytest.raises(DistillError) as info:
+        register()
+    return info.value

@@ -7,8 +7,12 @@ Separate from the CLI so tests can run the real server in-process on port 0.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
+import secrets
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -25,7 +29,7 @@ from distill_server.config import ServerConfig, format_address
 from distill_server.decoding import DecodingInterceptor
 from distill_server.metrics import Metrics
 from distill_server.servicer import DistillServicer, add_to_server, log_failure
-from distill_server.shared_memory import Regions
+from distill_server.shared_memory import Regions, SealedSocket
 
 __all__ = ["DistillServer"]
 
@@ -65,6 +69,25 @@ def _connection_age(seconds: float | None) -> list[tuple[str, int]]:
     find replicas added since. Calls in flight on the old connection finish
     (no ``max_connection_age_grace``): a stream may last a whole training run."""
     return [] if seconds is None else [("grpc.max_connection_age_ms", max(1, round(seconds * 1000)))]
+
+
+def _shared_memory_dir(config: ServerConfig) -> Path | None:
+    """Where clients' shared-memory files are, if shared memory is on."""
+    directory, limits = config.shared_memory_dir, config.limits
+    if directory is None or not directory.is_dir() or limits.max_shared_memory_bytes <= 0:
+        return None
+    return directory
+
+
+def _sealed_socket(config: ServerConfig) -> SealedSocket | None:
+    """The socket for sealed memory files, where shared memory is on and the
+    platform has sealing (Linux)."""
+    directory = _shared_memory_dir(config)
+    if directory is None or not hasattr(fcntl, "F_GET_SEALS"):
+        return None
+    path = directory / f"distill-server-{os.getpid()}-{secrets.token_hex(4)}.sock"
+    limits = config.limits
+    return SealedSocket(path, limits.max_shared_memory_regions, limits.receive_timeout)
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -123,21 +146,28 @@ class DistillServer:
                 *_connection_age(config.max_connection_age_seconds),
             ],
         )
-        directory = config.shared_memory_dir
-        regions = Regions(
-            directory if directory is not None and directory.is_dir() else None,
-            limits.max_shared_memory_bytes,
-            limits.max_shared_memory_regions,
-        )
-        self.servicer = DistillServicer(self.backend, self.executor, limits, self.metrics, regions)
-        add_to_server(self.servicer, self.server)
-        self.health = _Health()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        if credentials is None:
-            self.port = self.server.add_insecure_port(config.address)
-        else:
-            self.port = self.server.add_secure_port(config.address, credentials)
+        self._sealed = _sealed_socket(config)
+        try:
+            regions = Regions(
+                _shared_memory_dir(config),
+                limits.max_shared_memory_bytes,
+                limits.max_shared_memory_regions,
+                self._sealed,
+            )
+            self.servicer = DistillServicer(self.backend, self.executor, limits, self.metrics, regions)
+            add_to_server(self.servicer, self.server)
+            self.health = _Health()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+            services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(services, self.server)
+            if credentials is None:
+                self.port = self.server.add_insecure_port(config.address)
+            else:
+                self.port = self.server.add_secure_port(config.address, credentials)
+        except BaseException:
+            if self._sealed is not None:
+                self._sealed.close()
+            raise
         self.metrics_port: int | None = None
         self._expiry: asyncio.Future[None] | None = None
 
@@ -195,6 +225,8 @@ class DistillServer:
             self._expiry.cancel()
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.metrics.close()
+        if self._sealed is not None:
+            self._sealed.close()
 
     async def wait(self) -> None:
         """Wait until the server stops."""

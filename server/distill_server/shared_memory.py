@@ -1,9 +1,20 @@
 """Shared-memory regions that clients on this host register, so that their
 tensors and gradients need not cross a socket.
 
-A region is a file a client created in the shared-memory directory
-(/dev/shm). The server opens it once, at registration, and from then on
-reads and writes it through that descriptor with ``pread``/``pwrite`` only:
+A region is one of two kinds:
+
+- **sealed**: a memory file (``memfd_create``) the client sealed against
+  shrinking (``F_SEAL_SHRINK``) and handed to the server's Unix socket
+  (:class:`SealedSocket`, descriptor passing), which answers a ticket the
+  client then registers. The server maps it and uses tensors in place: no
+  copy. The seal is what makes that safe: a file that cannot shrink cannot
+  take pages from under the mapping, so no SIGBUS. The socket takes only
+  clients of the server's own user (``SO_PEERCRED``).
+- **system**: a file a client created in the shared-memory directory
+  (/dev/shm), for clients that cannot pass descriptors. Such a file can be
+  truncated at any time, so the server never maps it: it opens it once, at
+  registration, and reads and writes it through that descriptor with
+  ``pread``/``pwrite`` only (one copy each way):
 
 - it never maps a client's file, so a client that truncates its file
   mid-call cannot raise SIGBUS in the server: a short read is an error
@@ -25,12 +36,19 @@ it, so its descriptor is closed only once they are done.
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
+import logging
+import mmap
 import os
 import re
 import secrets
+import socket
 import stat
+import struct
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +66,9 @@ from distill_core.errors import (
     SharedMemoryDisabled,
 )
 
-__all__ = ["KEY_PREFIX", "Region", "Regions"]
+__all__ = ["KEY_PREFIX", "Region", "Regions", "SealedSocket"]
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "distill-"
 _KEY = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_.-]{1,200}")
@@ -57,12 +77,14 @@ _OPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 @dataclass(eq=False)
 class Region:
-    """A registered file: its handle, key, size and descriptor."""
+    """A registered file: its handle, key, size, and its descriptor (system)
+    or mapping (sealed)."""
 
     handle: str
     key: str
     byte_size: int
     fd: int
+    mapping: mmap.mmap | None = None
     users: int = 0
     released: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -80,10 +102,13 @@ class Regions:
     ``write`` may run in worker threads.
     """
 
-    def __init__(self, directory: Path | None, max_bytes: int, max_regions: int) -> None:
+    def __init__(
+        self, directory: Path | None, max_bytes: int, max_regions: int, sealed: SealedSocket | None = None
+    ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.max_regions = max_regions
+        self.sealed = sealed
         self._regions: dict[str, Region] = {}
         self._bytes = 0
 
@@ -102,6 +127,7 @@ class Regions:
             key_prefix=KEY_PREFIX,
             max_bytes=self.max_bytes,
             max_regions=self.max_regions,
+            socket=str(self.sealed.path) if self.sealed is not None else "",
         )
 
     @property
@@ -123,16 +149,20 @@ class Regions:
             raise SharedMemoryDisabled(
                 "this server shares no memory (--max-shared-memory-mb 0 or no --shared-memory-dir); send tensors inline"
             )
-        if not request.HasField("system"):
-            raise InvalidArgument("the registration names no memory; set system", field="system")
-        key, size = request.system.key, request.system.byte_size
-        if not _KEY.fullmatch(key):
-            raise InvalidArgument(
-                f"system.key must be {KEY_PREFIX!r} followed by 1 to 200 of [A-Za-z0-9_.-]; got {key[:64]!r}",
-                field="system.key",
-            )
+        kind = request.WhichOneof("memory")
+        if kind is None:
+            raise InvalidArgument("the registration names no memory; set system or sealed", field="memory")
+        if kind == "system":
+            key, size = request.system.key, request.system.byte_size
+            if not _KEY.fullmatch(key):
+                raise InvalidArgument(
+                    f"system.key must be {KEY_PREFIX!r} followed by 1 to 200 of [A-Za-z0-9_.-]; got {key[:64]!r}",
+                    field="system.key",
+                )
+        else:
+            key, size = "", request.sealed.byte_size
         if size <= 0:
-            raise InvalidArgument(f"system.byte_size is {size}; expected > 0", field="system.byte_size")
+            raise InvalidArgument(f"{kind}.byte_size is {size}; expected > 0", field=f"{kind}.byte_size")
         if len(self._regions) >= self.max_regions:
             raise LimitExceeded(
                 f"this server holds its limit of {self.max_regions} shared-memory regions "
@@ -148,8 +178,10 @@ class Regions:
                 limit=self.max_bytes,
                 got=self._bytes + size,
             )
-        fd = self._open(key, size)
-        region = Region(secrets.token_hex(16), key, size, fd)
+        if kind == "system":
+            region = Region(secrets.token_hex(16), key, size, self._open(key, size))
+        else:
+            region = Region(secrets.token_hex(16), "", size, -1, self._map(request.sealed.ticket, size))
         self._regions[region.handle] = region
         self._bytes += size
         return region
@@ -182,12 +214,38 @@ class Regions:
             raise
         return fd
 
+    def _map(self, ticket: str, size: int) -> mmap.mmap:
+        fd = self.sealed.take(ticket) if self.sealed is not None else None
+        if fd is None:
+            raise RegionNotFound(
+                "sealed.ticket: no memory file was handed over with this ticket", field="sealed.ticket"
+            )
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise RegionRefused("the file handed over is not a regular file", field="sealed.ticket")
+            if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+                raise RegionRefused(
+                    "the file handed over is not sealed against shrinking (F_SEAL_SHRINK)", field="sealed.ticket"
+                )
+            if info.st_size < size:
+                raise RegionOutOfBounds(
+                    f"the file handed over holds {info.st_size} bytes; the region needs {size}",
+                    field="sealed.byte_size",
+                )
+            return mmap.mmap(fd, size)
+        except OSError as exc:  # F_GET_SEALS on a file that is not a memfd: EINVAL
+            raise RegionRefused(f"the file handed over cannot be used: {exc.strerror}", field="sealed.ticket") from None
+        finally:
+            os.close(fd)  # the mapping keeps the memory
+
     def release(self, region: Region) -> None:
         """Forget ``region``; its descriptor is closed once no call uses it."""
         if self._regions.pop(region.handle, None) is region:
             self._bytes -= region.byte_size
         with region.lock:
             region.released = True
+            region.mapping = None  # views still in use keep the mapping; it goes with the last one
             region._close_if_done()
 
     def get(self, handle: str, field: str = "region") -> Region:
@@ -223,7 +281,7 @@ class Regions:
                 field=field,
             )
         with region.lock:
-            if region.fd < 0:
+            if region.released:
                 raise RegionNotFound(f"{field}.region: the region was unregistered", field=f"{field}.region")
             region.users += 1
         try:
@@ -242,6 +300,8 @@ class Regions:
             RegionTruncated: the file is shorter than the range now.
         """
         with self._using(ref, field) as region:
+            if region.mapping is not None:  # sealed: the range in place
+                return memoryview(region.mapping)[ref.offset : ref.offset + ref.byte_size]
             data = np.empty(ref.byte_size, np.uint8).data  # no zero-filling pass
             done = 0
             while done < ref.byte_size:
@@ -268,6 +328,9 @@ class Regions:
                 field=f"{field}.byte_size",
             )
         with self._using(ref, field) as region:
+            if region.mapping is not None:
+                memoryview(region.mapping)[ref.offset : ref.offset + ref.byte_size] = data.cast("B")
+                return
             if os.fstat(region.fd).st_size < ref.offset + ref.byte_size:  # pwrite would grow the file instead
                 raise RegionTruncated(
                     f"{field}: the region's file ends before byte {ref.offset + ref.byte_size}; it was cut "
@@ -278,3 +341,98 @@ class Regions:
             flat = data.cast("B")
             while done < flat.nbytes:
                 done += os.pwritev(region.fd, [flat[done:]], ref.offset + done)
+
+
+class SealedSocket:
+    """The Unix socket that takes sealed memory files from clients of the
+    server's user and answers each with a ticket for RegisterSharedMemory.
+
+    One thread serves it, a connection at a time, each within ``timeout``
+    seconds; at most ``most`` files wait for their registration, each for at
+    most ``hold`` seconds.
+    """
+
+    def __init__(self, path: Path, most: int, hold: float, timeout: float = 2.0) -> None:
+        self.path = path
+        self._most, self._hold, self._timeout = most, hold, timeout
+        self._pending: dict[str, tuple[int, float]] = {}
+        self._lock = threading.Lock()
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # a socket left by a server that died
+        old = os.umask(0o177)  # the socket file: mode 0600 from its creation
+        try:
+            self._socket.bind(str(path))
+        finally:
+            os.umask(old)
+        self._socket.listen(16)
+        self._socket.settimeout(0.5)
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="distill-sealed-socket", daemon=True)
+        self._thread.start()
+
+    def take(self, ticket: str) -> int | None:
+        """The descriptor handed over with ``ticket`` (once), or None."""
+        with self._lock:
+            self._expire(time.monotonic())
+            entry = self._pending.pop(ticket, None)
+        return None if entry is None else entry[0]
+
+    def close(self) -> None:
+        """Stop serving, remove the socket file and close what is pending."""
+        self._closing.set()
+        self._thread.join(5)
+        self._socket.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        with self._lock:
+            for fd, _ in self._pending.values():
+                os.close(fd)
+            self._pending.clear()
+
+    def _expire(self, now: float) -> None:
+        for ticket in [t for t, (_, deadline) in self._pending.items() if deadline < now]:
+            os.close(self._pending.pop(ticket)[0])
+
+    def _serve(self) -> None:
+        while not self._closing.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with connection:
+                try:
+                    connection.settimeout(self._timeout)
+                    connection.sendall(self._answer(connection).encode() + b"\n")
+                except OSError as exc:  # the client went away, or took too long
+                    log.debug("sealed-memory socket: %s", exc)
+
+    def _answer(self, connection: socket.socket) -> str:
+        """Receive one descriptor; the ticket for it, or ``error: ...``."""
+        _, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        fds = array.array("i")
+        _, ancillary, flags, _ = connection.recvmsg(1, socket.CMSG_SPACE(fds.itemsize))
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        received = list(fds)
+        if uid != os.geteuid():
+            reason = "this socket takes files from the server's own user only"
+        elif flags & socket.MSG_CTRUNC or len(received) != 1:
+            reason = "send exactly one descriptor with one byte"
+        else:
+            reason = ""
+        if reason:
+            for fd in received:
+                os.close(fd)
+            return f"error: {reason}"
+        ticket = secrets.token_hex(16)
+        with self._lock:
+            self._expire(time.monotonic())
+            if len(self._pending) >= self._most:
+                os.close(received[0])
+                return "error: too many files wait for their registration; register or retry later"
+            self._pending[ticket] = (received[0], time.monotonic() + self._hold)
+        return ticket

@@ -224,18 +224,20 @@ class GetServerInfoResponse(_message.Message):
     def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., device_description: _Optional[str] = ..., supported_dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., supported_loss_kinds: _Optional[_Iterable[_Union[LossKind, str]]] = ..., max_message_bytes: _Optional[int] = ..., shared_memory: _Optional[_Union[SharedMemoryInfo, _Mapping]] = ...) -> None: ...
 
 class SharedMemoryInfo(_message.Message):
-    __slots__ = ("enabled", "directory", "key_prefix", "max_bytes", "max_regions")
+    __slots__ = ("enabled", "directory", "key_prefix", "max_bytes", "max_regions", "socket")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     DIRECTORY_FIELD_NUMBER: _ClassVar[int]
     KEY_PREFIX_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_REGIONS_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     directory: str
     key_prefix: str
     max_bytes: int
     max_regions: int
-    def __init__(self, enabled: _Optional[bool] = ..., directory: _Optional[str] = ..., key_prefix: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_regions: _Optional[int] = ...) -> None: ...
+    socket: str
+    def __init__(self, enabled: _Optional[bool] = ..., directory: _Optional[str] = ..., key_prefix: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_regions: _Optional[int] = ..., socket: _Optional[str] = ...) -> None: ...
 
 class SystemSharedMemory(_message.Message):
     __slots__ = ("key", "byte_size")
@@ -245,11 +247,21 @@ class SystemSharedMemory(_message.Message):
     byte_size: int
     def __init__(self, key: _Optional[str] = ..., byte_size: _Optional[int] = ...) -> None: ...
 
+class SealedSharedMemory(_message.Message):
+    __slots__ = ("ticket", "byte_size")
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ticket: str
+    byte_size: int
+    def __init__(self, ticket: _Optional[str] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
 class RegisterSharedMemoryRequest(_message.Message):
-    __slots__ = ("system",)
+    __slots__ = ("system", "sealed")
     SYSTEM_FIELD_NUMBER: _ClassVar[int]
+    SEALED_FIELD_NUMBER: _ClassVar[int]
     system: SystemSharedMemory
-    def __init__(self, system: _Optional[_Union[SystemSharedMemory, _Mapping]] = ...) -> None: ...
+    sealed: SealedSharedMemory
+    def __init__(self, system: _Optional[_Union[SystemSharedMemory, _Mapping]] = ..., sealed: _Optional[_Union[SealedSharedMemory, _Mapping]] = ...) -> None: ...
 
 class RegisterSharedMemoryResponse(_message.Message):
     __slots__ = ("region", "byte_size")

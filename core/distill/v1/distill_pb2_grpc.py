@@ -166,6 +166,12 @@ class DistillServiceServicer:
         and gradients can be exchanged through it instead of inline bytes (a
         client on the server's host; see SharedMemoryRef).
 
+        A region is either a sealed memory file handed to the server's socket
+        (SealedSharedMemory: used in place, no copy; Linux), or a file the
+        client created in the server's shared-memory directory
+        (SystemSharedMemory: read and written by descriptor, one copy each way;
+        any client). For the latter:
+
         The region is a file the client created in the server's shared-memory
         directory (GetServerInfo's `shared_memory.directory`, /dev/shm), named
         with the prefix `shared_memory.key_prefix` ("distill-") followed by 1 to
@@ -184,9 +190,12 @@ class DistillServiceServicer:
         Errors (status code, ErrorInfo reason):
         - INVALID_ARGUMENT, INVALID_ARGUMENT: a key that is not the prefix and
         1 to 200 allowed characters, or a `byte_size` of 0.
-        - NOT_FOUND, REGION_NOT_FOUND: no such file in the directory.
+        - NOT_FOUND, REGION_NOT_FOUND: no such file in the directory, or a
+        ticket the socket did not give (or gave longer ago than the receive
+        timeout, or that was used).
         - PERMISSION_DENIED, REGION_REFUSED: a symlink, not a regular file, not
-        owned by the server's user, or open to other users.
+        owned by the server's user, or open to other users; a sealed file
+        without F_SEAL_SHRINK.
         - OUT_OF_RANGE, REGION_OUT_OF_BOUNDS: the file is shorter than
         `byte_size`.
         - RESOURCE_EXHAUSTED, LIMIT_EXCEEDED: the server's limits on regions or
