@@ -667,3 +667,21 @@ def refused_lease(register: Callable[[], Lease]) -> DistillError:
     with pytest.raises(DistillError) as info:
         register()
     return info.value
+
+
+def test_a_stopping_server_ends_leases_once_the_calls_using_them_are_done(
+    shm: Callable[..., Shm],
+) -> None:
+    running = InProcessServer(ServerConfig(port=0, device="cpu", grace_seconds=60)).start()
+    stopped = False
+    try:
+        region = shm(1 << 16)
+        with grpc.insecure_channel(running.target) as channel:
+            lease = register(channel, region)
+            running.stop()  # a lease is no call in flight: the grace is not waited out
+            stopped = True
+            eventually(lambda: lease.ended() is not None, what="the lease ended")
+            assert lease.ended() is grpc.StatusCode.OK
+    finally:
+        if not stopped:
+            running.stop()

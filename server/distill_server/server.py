@@ -213,7 +213,9 @@ class DistillServer:
         if self.config.drain_delay_seconds > 0:
             await asyncio.sleep(self.config.drain_delay_seconds)
         stopping = asyncio.ensure_future(self.server.stop(grace + _CANCEL_MARGIN))
+        leases = asyncio.ensure_future(self.servicer.end_leases())
         done, _ = await asyncio.wait({stopping}, timeout=grace)
+        leases.cancel()
         if not done:
             dropped = self.servicer.abandon(
                 f"the server is shutting down and the call did not finish within its {grace:g} s grace "

@@ -102,6 +102,9 @@ class DistillServicer:
         copying = (READ_COPIES - 1) * limits.max_message_bytes  # the message gRPC is copying, one at a time
         self.budget = Budget(limits.inflight_bytes - copying, "--max-inflight-mb", metrics.inflight_bytes.set)
         self._calls: set[_Call] = set()
+        self._working = 0  # calls other than leases
+        self._quiet = asyncio.Event()
+        self._quiet.set()
         self.closing: str | None = None
         self.info = pb.GetServerInfoResponse(
             version=__version__,
@@ -355,6 +358,14 @@ class DistillServicer:
                 if call.waiting is not None and call.waiting[0] < now:
                     call.drop(DeadlineExceeded(call.waiting[1]))
 
+    async def end_leases(self) -> None:
+        """Once no call but the regions' leases is left, end the leases (with
+        OK): a stopping server waits for calls that use a region, not for
+        the clients that hold one."""
+        await self._quiet.wait()
+        for lease in self._leases.values():
+            lease.set()
+
     def abandon(self, message: str) -> int:
         """End every call in flight with UNAVAILABLE and ``message``, whatever
         it waits for (its message, room in the budget, a worker, its next
@@ -382,6 +393,9 @@ class DistillServicer:
         call = _Call(self, rpc, context, None if stream else self.budget)
         log.debug("call started: rpc=%s peer=%s", rpc, call.peer)
         self._calls.add(call)
+        if kind != "lease":
+            self._working += 1
+            self._quiet.clear()
         try:
             try:
                 with self._slot(rpc, kind):
@@ -399,6 +413,10 @@ class DistillServicer:
             raise
         finally:
             self._calls.discard(call)
+            if kind != "lease":
+                self._working -= 1
+                if not self._working:
+                    self._quiet.set()
             call.close()
             if stream:
                 log.debug("stream ended: peer=%s steps=%d", call.peer, call.steps)
