@@ -76,7 +76,7 @@ def test_signal_drains_calls_in_flight_and_exits_zero(start_server: type[ServerP
     expected = reference(loss, t, s)
     results: list[tuple[float, float]] = []
     failures: list[BaseException] = []
-    client = DistillClient(proc.target, timeout=120)
+    client = DistillClient(proc.target, timeout=120, transport="grpc")  # the log counts these calls only
 
     def call() -> None:
         try:
@@ -118,7 +118,7 @@ def test_request_over_the_server_limit(start_server: type[ServerProcess]) -> Non
 
 def test_request_over_the_client_limit(server: InProcessServer) -> None:
     big = np.ones(300_000, np.float32)
-    with DistillClient(server.target, max_message_bytes=1024 * 1024, timeout=30) as client:
+    with DistillClient(server.target, max_message_bytes=1024 * 1024, timeout=30, transport="grpc") as client:
         with pytest.raises(MessageTooLarge) as info:
             client.compute_layer_loss([(1.0, DistilLoss.mse())], 0, big, big)
     assert "max_message_bytes" in info.value.message

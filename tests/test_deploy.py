@@ -5,6 +5,11 @@
   schemas and the rendered Deployment, PodDisruptionBudget, autoscaler and
   Service are checked against each other and against the server (its flags
   parse the container's environment; its memory budget fits the limit).
+- The trainer-sidecar example (a Job, the server as a native sidecar, tensors
+  through shared memory): rendered and validated the same way, checked for
+  what shared memory needs (one /dev/shm, one uid, loopback), and its server
+  configuration served to a client with ``transport="shm"``.
+- The compose file, its optional trainer included.
 - The Dockerfile is parsed into stages and instructions.
 - ``distill-probe``, the image's health check, runs against real servers
   (in-process) with the environment a container would give it.
@@ -27,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
+import numpy as np
 import pytest
 import yaml
 
+from distill_client import DistillClient, DistilLoss
 from distill_server import probe
 from distill_server.admission import READ_COPIES
 from distill_server.cli import parse_args
@@ -47,6 +54,11 @@ TARGETS = ["base", "overlays/gpu", "overlays/gpu-auth", "overlays/gpu-auth-tls"]
 GPU = {"overlays/gpu", "overlays/gpu-auth", "overlays/gpu-auth-tls"}
 AUTH = {"overlays/gpu-auth", "overlays/gpu-auth-tls"}
 TLS = {"overlays/gpu-auth-tls"}
+SIDECAR = "examples/trainer-sidecar"
+"""A Job: a trainer with the server beside it as a native sidecar."""
+EXAMPLES = [SIDECAR]
+OLDEST_NATIVE_SIDECARS = "1.29.0"
+"""The first Kubernetes release with native sidecars on by default."""
 
 PROCESS_MARGIN_MIB = 1024
 """Memory for the server process itself, beyond what its limits let calls
@@ -91,9 +103,7 @@ def container(target: str) -> dict[str, Any]:
 
 
 def env(target: str) -> dict[str, str]:
-    entries = container(target).get("env", [])
-    assert all("value" in e for e in entries), "settings are plain values (secrets come as files)"
-    return {e["name"]: e["value"] for e in entries}
+    return container_env(container(target))
 
 
 def quantity(text: str | int) -> int:
@@ -116,20 +126,32 @@ def mounted_secret(target: str, path: str) -> dict[str, Any]:
     raise AssertionError(f"{path} is on no volume")
 
 
-@pytest.fixture
-def server_config(target: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[ServerConfig, Any]:
-    """The server's configuration, parsed by its own CLI from the container's
+def container_env(c: dict[str, Any]) -> dict[str, str]:
+    entries = c.get("env", [])
+    assert all("value" in e for e in entries), "settings are plain values (secrets come as files)"
+    return {e["name"]: e["value"] for e in entries}
+
+
+def parse_settings(
+    settings: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> tuple[ServerConfig, Any]:
+    """The server's configuration, parsed by its own CLI from a container's
     environment (over the image's), with a stand-in for the token file."""
     for name in list(os.environ):
         if name.startswith("DISTILL_"):
             monkeypatch.delenv(name)
-    for name, value in {**dockerfile_env(), **env(target)}.items():
+    for name, value in {**dockerfile_env(), **settings}.items():
         if name == "DISTILL_AUTH_TOKEN_FILE":
             value = str(tmp_path / "token")
             Path(value).write_text("token\n")
         if name.startswith("DISTILL_"):  # not the image's PATH
             monkeypatch.setenv(name, value)
     return parse_args([])
+
+
+@pytest.fixture
+def server_config(target: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[ServerConfig, Any]:
+    return parse_settings(env(target), monkeypatch, tmp_path)
 
 
 # The rendered objects.
@@ -140,7 +162,7 @@ def test_every_target_and_component_is_rendered() -> None:
         p.parent.relative_to(K8S).as_posix(): yaml.safe_load(p.read_text())["kind"]
         for p in K8S.rglob("kustomization.yaml")
     }
-    assert sorted(d for d, k in kinds.items() if k == "Kustomization") == sorted(TARGETS)
+    assert sorted(d for d, k in kinds.items() if k == "Kustomization") == sorted(TARGETS + EXAMPLES)
     components = {(K8S / d).resolve() for d, k in kinds.items() if k == "Component"}
     used = {
         (K8S / t / c).resolve()
@@ -180,7 +202,12 @@ def test_pods_meet_the_restricted_pod_security_standard(target: str) -> None:
     assert {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"} == {
         namespace["metadata"]["name"]
     }
-    pod = pod_spec(target)
+    assert_restricted(pod_spec(target))
+
+
+def assert_restricted(pod: dict[str, Any]) -> None:
+    """The restricted Pod Security Standard's fields, and what the pods add:
+    a read-only root, no service account token, only emptyDir and Secret volumes."""
     security = pod["securityContext"]
     assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
     assert security["seccompProfile"]["type"] == "RuntimeDefault"
@@ -194,6 +221,7 @@ def test_pods_meet_the_restricted_pod_security_standard(target: str) -> None:
         assert context["readOnlyRootFilesystem"] is True
         assert context["capabilities"]["drop"] == ["ALL"] and not context["capabilities"].get("add")
         assert "seccompProfile" not in context or context["seccompProfile"]["type"] == "RuntimeDefault"
+        assert context.get("runAsUser", security["runAsUser"]) != 0 and context.get("runAsNonRoot", True) is True
         assert not any(p.get("hostPort") for p in c.get("ports", []))
 
 
@@ -240,20 +268,28 @@ def test_connections_age_so_clients_find_new_pods(target: str, server_config: tu
     assert age is not None and 60 <= age <= 3600
 
 
-def test_memory_limit_covers_what_the_server_may_hold(target: str, server_config: tuple[ServerConfig, Any]) -> None:
-    config, args = server_config
+def server_memory(config: ServerConfig, args: Any) -> int:
+    """The bytes a server may hold (deploy/k8s/base/deployment.yaml explains the sum)."""
     limits = config.limits
     message = limits.max_message_bytes
-    held = (
+    return (
         limits.inflight_bytes  # unary calls
         + 2 * message * config.workers  # computing: a request's gradients and answer per worker
         + READ_COPIES * message * limits.max_concurrent_streams  # a step per stream, while gRPC copies it
     ) * args.processes + PROCESS_MARGIN_MIB * MIB
-    resources = container(target)["resources"]
+
+
+def assert_memory_covers(c: dict[str, Any], config: ServerConfig, args: Any) -> None:
+    held = server_memory(config, args)
+    resources = c["resources"]
     limit = quantity(resources["limits"]["memory"])
     assert limit >= held, f"{limit // MIB} MiB < {held // MIB} MiB"
     assert quantity(resources["requests"]["memory"]) == limit
-    assert message == 256 * MIB  # DistillClient's default (test_compose_agrees_with_the_client)
+    assert config.limits.max_message_bytes == 256 * MIB  # DistillClient's default
+
+
+def test_memory_limit_covers_what_the_server_may_hold(target: str, server_config: tuple[ServerConfig, Any]) -> None:
+    assert_memory_covers(container(target), *server_config)
 
 
 def test_service_is_headless_for_client_side_balancing(target: str, server_config: tuple[ServerConfig, Any]) -> None:
@@ -349,6 +385,133 @@ def test_tls_variant_serves_its_secret(target: str) -> None:
         assert secret["secretName"] == "distill-tls" and secret.get("optional") is False
 
 
+# The trainer-sidecar example.
+
+
+def sidecar_pod() -> dict[str, Any]:
+    spec: dict[str, Any] = one(render(SIDECAR), "Job")["spec"]["template"]["spec"]
+    return spec
+
+
+def sidecar_containers() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The server (the pod's one init container) and the trainer (its one container)."""
+    pod = sidecar_pod()
+    [server], [trainer] = pod["initContainers"], pod["containers"]
+    assert (server["name"], trainer["name"]) == ("distill", "trainer")
+    return server, trainer
+
+
+@pytest.fixture
+def sidecar_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[ServerConfig, Any]:
+    return parse_settings(container_env(sidecar_containers()[0]), monkeypatch, tmp_path)
+
+
+def shm_volume(c: dict[str, Any], path: str = "/dev/shm") -> tuple[str, dict[str, Any]]:
+    """The name and emptyDir of the volume mounted at ``path`` in ``c``."""
+    volumes = {v["name"]: v for v in sidecar_pod()["volumes"]}
+    [name] = [m["name"] for m in c.get("volumeMounts", []) if m["mountPath"].rstrip("/") == path]
+    assert "emptyDir" in volumes[name], f"{path} is not an emptyDir"
+    return name, dict(volumes[name]["emptyDir"])
+
+
+def uid(pod: dict[str, Any], c: dict[str, Any]) -> int:
+    """The uid ``c`` runs as: its own runAsUser, else the pod's."""
+    value = c.get("securityContext", {}).get("runAsUser", pod["securityContext"].get("runAsUser"))
+    assert value is not None, f"{c['name']}: the image's user, which the manifest cannot see"
+    return int(value)
+
+
+def test_sidecar_example_matches_the_kubernetes_schemas() -> None:
+    objects = render(SIDECAR)
+    assert [o["kind"] for o in objects] == ["Job"]  # no Service: the server listens on loopback only
+    for obj in objects:
+        for version in (kubernetes_validate.latest_version(), OLDEST_NATIVE_SIDECARS):
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_sidecar_is_a_native_sidecar_of_a_job() -> None:
+    job = one(render(SIDECAR), "Job")
+    pod = sidecar_pod()
+    server, trainer = sidecar_containers()
+    # An init container that keeps running: the Job completes when the trainer exits.
+    assert server["restartPolicy"] == "Always"
+    assert "restartPolicy" not in trainer
+    assert pod["restartPolicy"] in ("Never", "OnFailure")
+    # Not the base Service's pods: its clients cannot reach a server on loopback.
+    selector = one(render("base"), "Service")["spec"]["selector"]
+    assert not selector.items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    # The base's image, pulled the same way.
+    assert server["image"] == container("base")["image"]
+    assert server["imagePullPolicy"] == "IfNotPresent"
+    assert trainer["image"] != server["image"] and trainer["command"]
+
+
+def test_sidecar_pod_meets_the_restricted_pod_security_standard() -> None:
+    pod = sidecar_pod()
+    assert_restricted(pod)
+    for c in sidecar_containers():
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert "/tmp" in mounts  # the root is read-only
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes[mounts["/tmp"]]["emptyDir"].get("medium") != "Memory"  # disk, not the memory limit
+
+
+def test_sidecar_and_trainer_share_dev_shm(sidecar_config: tuple[ServerConfig, Any]) -> None:
+    config, _ = sidecar_config
+    server, trainer = sidecar_containers()
+    assert config.shared_memory_dir == Path("/dev/shm")  # where the client creates its files
+    assert config.limits.max_shared_memory_bytes > 0 and config.limits.max_shared_memory_regions > 0  # enabled
+    name, volume = shm_volume(server, str(config.shared_memory_dir))
+    assert shm_volume(trainer) == (name, volume)  # one volume, mounted in both
+    assert volume["medium"] == "Memory"  # tmpfs, as /dev/shm is
+    size = quantity(volume["sizeLimit"])
+    assert size >= config.limits.max_shared_memory_bytes, f"{size // MIB} MiB of /dev/shm for the regions"
+    assert not any(m.get("readOnly") for c in (server, trainer) for m in c["volumeMounts"] if m["name"] == name)
+
+
+def test_sidecar_and_trainer_run_as_one_uid() -> None:
+    pod = sidecar_pod()
+    server, trainer = sidecar_containers()
+    image_user = int(dockerfile()[1][-1].all("USER")[-1].args.split(":")[0])
+    assert uid(pod, server) == uid(pod, trainer) == image_user  # the server opens only its own uid's files
+
+
+def test_sidecar_listens_on_loopback_for_its_trainer(sidecar_config: tuple[ServerConfig, Any]) -> None:
+    config, _ = sidecar_config
+    server, trainer = sidecar_containers()
+    assert config.host == "127.0.0.1"  # only this pod reaches it
+    settings = container_env(server)
+    assert container_env(trainer)["DISTILL_TARGET"] == probe._default_target(settings) == f"127.0.0.1:{config.port}"
+    assert "ports" not in server  # nothing outside the pod can reach them
+    for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        # The kubelet's gRPC probe dials the pod's IP, where nothing listens;
+        # distill-probe dials DISTILL_HOST.
+        spec = server[name]
+        assert "grpc" not in spec and spec["exec"]["command"] == ["distill-probe"]
+        assert spec["timeoutSeconds"] >= 3
+
+
+def test_sidecar_settings_are_server_flags(sidecar_config: tuple[ServerConfig, Any]) -> None:
+    _, args = sidecar_config
+    for name in container_env(sidecar_containers()[0]):
+        assert hasattr(args, name.removeprefix("DISTILL_").lower()), f"{name}: the server has no such flag"
+
+
+def test_sidecar_memory_limits_cover_what_each_container_holds(sidecar_config: tuple[ServerConfig, Any]) -> None:
+    server, trainer = sidecar_containers()
+    assert_memory_covers(server, *sidecar_config)
+    # The region files are charged to the trainer, which creates and fills them.
+    _, volume = shm_volume(trainer)
+    limit = quantity(trainer["resources"]["limits"]["memory"])
+    assert limit > quantity(volume["sizeLimit"])
+    assert quantity(trainer["resources"]["requests"]["memory"]) == limit
+
+
+def test_sidecar_stops_in_its_grace_period(sidecar_config: tuple[ServerConfig, Any]) -> None:
+    config, _ = sidecar_config
+    assert sidecar_pod()["terminationGracePeriodSeconds"] >= config.drain_delay_seconds + config.grace_seconds + 5
+
+
 # The compose file.
 
 
@@ -369,6 +532,70 @@ def test_compose_agrees_with_the_client_on_the_message_limit() -> None:
 
     environment = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["distill"]["environment"]
     assert int(environment["DISTILL_MAX_MESSAGE_MB"]) * MIB == DEFAULT_MAX_MESSAGE_BYTES
+
+
+def compose() -> dict[str, Any]:
+    services: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return services
+
+
+def docker_size(text: str) -> int:
+    """A Docker size in bytes: 5120m, 5g, 64000000."""
+    match = re.fullmatch(r"(\d+)([bkmg]?)", str(text).strip().lower())
+    assert match, text
+    return int(match.group(1)) * 1024 ** "bkmg".index(match.group(2) or "b")
+
+
+def shm_mount(service: dict[str, Any]) -> str | None:
+    """The named volume a compose service mounts at /dev/shm."""
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, _, rest = volume.partition(":")
+            target = rest.split(":")[0]
+        else:
+            source, target = volume.get("source"), volume["target"]
+            assert volume.get("type", "volume") == "volume"
+        if target.rstrip("/") == "/dev/shm":
+            return str(source)
+    return None
+
+
+def test_docker_size() -> None:
+    assert docker_size("5120m") == docker_size("5g") == 5 * 1024**3
+    assert docker_size("64") == docker_size("64b") == 64
+
+
+def test_compose_trainer_shares_dev_shm_and_uid_with_the_server(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    document = compose()
+    server, trainer = document["services"]["distill"], document["services"]["trainer"]
+    # Only with --profile sidecar: plain `docker compose up` starts the server alone.
+    assert "profiles" not in server and trainer["profiles"] == ["sidecar"]
+    # One uid: the server's files are its own uid's only.
+    image_user = dockerfile()[1][-1].all("USER")[-1].args
+    assert server["user"] == trainer["user"] == image_user
+    # One /dev/shm, large enough for the regions the server takes.
+    config, _ = parse_settings(server["environment"], monkeypatch, tmp_path)
+    assert config.shared_memory_dir == Path("/dev/shm") and config.limits.max_shared_memory_bytes > 0
+    if "ipc" in trainer:
+        assert trainer["ipc"] == "service:distill" and server["ipc"] == "shareable"
+        size = docker_size(server["shm_size"])
+    else:
+        name = shm_mount(server)
+        assert name is not None and shm_mount(trainer) == name
+        volume = document["volumes"][name]
+        options = volume["driver_opts"]
+        assert volume.get("driver", "local") == "local" and options["type"] == "tmpfs"  # memory, as /dev/shm is
+        settings = dict(o.partition("=")[::2] for o in options["o"].split(","))
+        size = docker_size(settings["size"])
+        assert settings["uid"] == image_user.split(":")[0] and int(settings["mode"], 8) & 0o077 == 0
+    assert size >= config.limits.max_shared_memory_bytes, f"{size // MIB} MiB of /dev/shm"
+    # The trainer starts once the server serves, and dials it.
+    assert trainer["depends_on"]["distill"]["condition"] == "service_healthy"
+    host, _, port = trainer["environment"]["DISTILL_TARGET"].rpartition(":")
+    assert host in ("distill", "127.0.0.1") and int(port) == config.port
+    assert trainer["read_only"] is True and trainer["cap_drop"] == ["ALL"]
 
 
 # The Dockerfile.
@@ -679,3 +906,37 @@ def test_tls_variant_serves_and_probes_as_rendered(
     assert probe.main([]) == 0
     clean_env.delenv("DISTILL_PROBE_TLS_SERVER_NAME")
     assert probe.main(["--timeout", "2"]) == 1  # 127.0.0.1 is not in the certificate: the name is what made it pass
+
+
+def test_sidecar_server_shares_memory_with_a_client_of_its_uid(
+    serve: Callable[[ServerConfig], int], clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The sidecar's server, configured by its rendered environment (a
+    directory of this test for its /dev/shm, a port of the system's), takes
+    the tensors of a client running as the same user through shared memory."""
+    shm = tmp_path / "shm"
+    shm.mkdir(mode=0o700)
+    for name, value in {**dockerfile_env(), **container_env(sidecar_containers()[0])}.items():
+        if name.startswith("DISTILL_"):
+            clean_env.setenv(name, value)
+    clean_env.setenv("DISTILL_SHARED_MEMORY_DIR", str(shm))
+    clean_env.setenv("DISTILL_PORT", "0")
+    clean_env.delenv("DISTILL_METRICS_PORT")
+    config, _ = parse_args([])
+    assert config.host == "127.0.0.1"
+    port = serve(config)
+    rng = np.random.default_rng(0)
+    teacher, student = (rng.standard_normal((64, 1024), dtype=np.float32) for _ in range(2))
+    layers = [(1.0, DistilLoss.mse())]
+    with DistillClient(f"127.0.0.1:{port}", transport="shm") as client:
+        info = client.server_info().shared_memory
+        assert info is not None and info.enabled and info.directory == str(shm)
+        assert info.max_bytes == config.limits.max_shared_memory_bytes
+        shared = client.compute_layer_loss(layers, 0, teacher, student, gradients=True)
+    with DistillClient(f"127.0.0.1:{port}", transport="grpc") as client:
+        inline = client.compute_layer_loss(layers, 0, teacher, student, gradients=True)
+    assert shared.loss == inline.loss
+    np.testing.assert_array_equal(shared.gradient, inline.gradient)
+    # The client removed its files' names once the server held them (the
+    # server's socket for sealed memory files may be there too).
+    assert [f.name for f in shm.iterdir() if not f.is_socket()] == []

@@ -34,6 +34,9 @@ def test_reflection_describes_the_service(server: InProcessServer) -> None:
             "ComputeTotalLoss",
             "StreamLosses",
             "GetServerInfo",
+            "RegisterSharedMemory",
+            "UnregisterSharedMemory",
+            "GetSharedMemoryStatus",
         ]
 
 

@@ -18,6 +18,7 @@ MODULES = [
     "distill_client",
     "distill_client.client",
     "distill_client.distiller",
+    "distill_client.shared_memory",
     "distill_client.stream",
     "distill_client.torch",
     "distill_core",

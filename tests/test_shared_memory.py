@@ -685,3 +685,16 @@ def test_a_stopping_server_ends_leases_once_the_calls_using_them_are_done(
     finally:
         if not stopped:
             running.stop()
+
+
+def test_sockets_of_dead_servers_are_removed() -> None:
+    dead = SHM / f"distill-server-0-{secrets.token_hex(4)}.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(dead))  # a server killed before it could remove its socket
+    assert dead.exists()
+    with InProcessServer(ServerConfig(port=0, device="cpu")) as running:
+        assert not dead.exists()
+        with grpc.insecure_channel(running.target) as channel:
+            path = Path(call(channel, "GetServerInfo", pb.GetServerInfoRequest()).shared_memory.socket)
+        assert path.exists()  # a live server's socket answers, and stays
+    assert not path.exists()

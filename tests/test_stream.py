@@ -95,7 +95,7 @@ def test_closing_a_stream_frees_it_and_the_server_goes_on(
     def received() -> float:
         return server.sample("distill_received_bytes_total", rpc="StreamLosses")
 
-    with DistillClient(server.target, timeout=30) as client:
+    with DistillClient(server.target, timeout=30, transport="grpc") as client:  # steps through the socket
         session = client.stream(LAYERS)
         for step in range(5):
             session.step(*step_data(step))

@@ -17,6 +17,7 @@ from distill_client.client import (
     TotalLoss,
 )
 from distill_client.distiller import RemoteFeatureDistiller
+from distill_client.shared_memory import SharedMemoryInfo
 from distill_client.stream import StepResult, StreamSession
 from distill_core.errors import (
     Cancelled,
@@ -33,8 +34,13 @@ from distill_core.errors import (
     NonFiniteInput,
     OutOfRange,
     PermissionDenied,
+    RegionNotFound,
+    RegionOutOfBounds,
+    RegionRefused,
+    RegionTruncated,
     ResourceExhausted,
     ShapeMismatch,
+    SharedMemoryDisabled,
     TeacherStudentMismatch,
     Unauthenticated,
     Unavailable,
@@ -71,10 +77,16 @@ __all__ = [
     "OutOfRange",
     "PermissionDenied",
     "Reduction",
+    "RegionNotFound",
+    "RegionOutOfBounds",
+    "RegionRefused",
+    "RegionTruncated",
     "RemoteFeatureDistiller",
     "ResourceExhausted",
     "ServerInfo",
     "ShapeMismatch",
+    "SharedMemoryDisabled",
+    "SharedMemoryInfo",
     "StepResult",
     "StreamSession",
     "TeacherStudentMismatch",

@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
+import numpy.typing as npt
 
 from distill.v1 import distill_pb2 as pb
 from distill_client._closing import Closing
+from distill_client.shared_memory import Batch, SharedMemory, SharedMemoryInfo, Transport
 from distill_client.stream import StreamSession
 from distill_core import rpc, wire
 from distill_core.errors import from_rpc_error
@@ -71,6 +74,9 @@ class ServerInfo:
     supported_dtypes: list[str]
     supported_loss_kinds: list[LossKind]
     max_message_bytes: int
+    shared_memory: SharedMemoryInfo | None = None
+    """Whether and how it shares memory with clients on its host (None: a
+    server that does not say, so does not)."""
 
 
 def _layers(layers: Sequence[LayerSpec], names: Sequence[str] | None) -> list[pb.Layer]:
@@ -177,6 +183,20 @@ class DistillClient(Closing):
         tls: Use TLS even without any of the files above (system roots).
         credentials: Ready-made channel credentials (instead of the TLS files).
         options: Extra gRPC channel options.
+        transport: How tensors travel. ``"grpc"``: as bytes in the messages.
+            ``"shm"``: through POSIX shared memory the client registers with
+            the server (a trainer on the server's host, same user): each
+            call's tensors are copied into a pooled region once and gradients
+            come back the same way; raises
+            :class:`~distill_core.errors.SharedMemoryDisabled` where the
+            server cannot share memory with this client. ``"auto"`` (the
+            default): shared memory for calls of at least
+            :data:`~distill_client.shared_memory.SHM_THRESHOLD_BYTES` where
+            the server can share it (found out at the first such call),
+            bytes otherwise. Arrays of :meth:`shared_arrays` go with no copy
+            at all. Shared memory needs every call to reach the replica that
+            holds the regions: with ``"auto"`` a call that does not is sent
+            again as bytes, and shared memory is off from then on.
 
     Calls are balanced round-robin over the target's addresses, and only
     over replicas whose ``grpc.health.v1`` status for
@@ -203,6 +223,7 @@ class DistillClient(Closing):
         tls: bool = False,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        transport: Transport = "auto",
     ) -> None:
         self.target = channel_target(target or default_target())
         self.timeout = timeout
@@ -231,13 +252,23 @@ class DistillClient(Closing):
         self._stream_losses = self._channel.stream_stream(
             rpc.STREAM_LOSSES.path, response_deserializer=rpc.STREAM_LOSSES.response.FromString
         )
+        try:
+            self._shared_memory = SharedMemory(
+                transport, self._channel, self._metadata, timeout, lambda: self.server_info().shared_memory, self.target
+            )
+        except ValueError:
+            self._channel.close()
+            raise
+        self.transport = transport
 
     def _unary(self, method: rpc.Rpc) -> grpc.UnaryUnaryMultiCallable:
         """A callable of ``method`` that sends serialized requests."""
         return self._channel.unary_unary(method.path, response_deserializer=method.response.FromString)
 
     def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
+        """Release every shared-memory region, then close the channel; calls
+        in flight are cancelled."""
+        self._shared_memory.close()
         self._channel.close()
 
     def _call(self, method: Any, request: bytes, timeout: float | None) -> Any:
@@ -264,15 +295,24 @@ class DistillClient(Closing):
         DLPack or ``__array__`` objects, or lists of floats. With
         ``gradients``, the result's ``gradient`` is ``weight * d loss / d student``.
         """
-        request = wire.build(
-            pb.ComputeLayerLossRequest(
-                layers=_layers(layers, names), layer_index=layer_index, return_gradients=gradients
-            ),
-            teacher=teacher,
-            student=student,
-        )
-        response: pb.ComputeLayerLossResponse = self._call(self._layer_loss, request, timeout)
-        return LayerLoss.from_proto(response.layer_loss)
+        config = _layers(layers, names)
+
+        def send(batch: Batch) -> LayerLoss:
+            outputs = batch.gradient_outputs
+            request = wire.build(
+                pb.ComputeLayerLossRequest(
+                    layers=config,
+                    layer_index=layer_index,
+                    return_gradients=gradients,
+                    gradient_output=outputs[0] if outputs else None,
+                ),
+                teacher=batch.teachers[0],
+                student=batch.students[0],
+            )
+            response: pb.ComputeLayerLossResponse = self._call(self._layer_loss, request, timeout)
+            return batch.layers([response.layer_loss])[0]
+
+        return self._shared_memory.exchange([teacher], [student], gradients, send)
 
     def compute_total_loss(
         self,
@@ -289,13 +329,20 @@ class DistillClient(Closing):
         With ``gradients``, each layer's ``gradient`` is the gradient of the
         total with respect to that layer's student tensor.
         """
-        request = wire.build(
-            pb.ComputeTotalLossRequest(layers=_layers(layers, names), return_gradients=gradients),
-            teachers=teachers,
-            students=students,
-        )
-        response: pb.ComputeTotalLossResponse = self._call(self._total_loss, request, timeout)
-        return TotalLoss(response.total_loss, [LayerLoss.from_proto(r) for r in response.layer_losses])
+        config = _layers(layers, names)
+
+        def send(batch: Batch) -> TotalLoss:
+            request = wire.build(
+                pb.ComputeTotalLossRequest(
+                    layers=config, return_gradients=gradients, gradient_outputs=batch.gradient_outputs
+                ),
+                teachers=batch.teachers,
+                students=batch.students,
+            )
+            response: pb.ComputeTotalLossResponse = self._call(self._total_loss, request, timeout)
+            return TotalLoss(response.total_loss, batch.layers(response.layer_losses))
+
+        return self._shared_memory.exchange(teachers, students, gradients, send)
 
     def stream(
         self,
@@ -312,7 +359,28 @@ class DistillClient(Closing):
         default, unlike the other calls).
         """
         config = pb.StreamConfig(layers=_layers(layers, names), return_gradients=gradients)
-        return StreamSession(self._stream_losses, config, timeout, self._metadata)
+        return StreamSession(self._stream_losses, config, timeout, self._metadata, self._shared_memory)
+
+    def shared_arrays(
+        self, shapes: Sequence[int | Sequence[int]], dtype: npt.DTypeLike = np.float32
+    ) -> list[npt.NDArray[Any]]:
+        """Zeroed arrays of ``shapes`` in shared memory registered with the
+        server: fill them (``torch.from_numpy`` views them) and pass them, or
+        views of them in C order, to the loss methods, and the server reads
+        them where they are, with no copy.
+
+        The memory stays registered while any of the arrays is alive, and
+        until :meth:`close`. With ``transport="grpc"``, or ``"auto"`` where
+        the server cannot share memory, they are ordinary arrays (sent as
+        bytes).
+
+        Raises:
+            SharedMemoryDisabled: with ``transport="shm"``, where the server
+                cannot share memory with this client.
+            ValueError: a dtype other than float32, float16, bfloat16 or
+                float64 (little-endian), or a negative dimension.
+        """
+        return self._shared_memory.shared_arrays(shapes, dtype)
 
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         """What the server offers: version, device, dtypes, loss kinds, limits."""
@@ -326,4 +394,7 @@ class DistillClient(Closing):
             supported_dtypes=[pb.Dtype.Name(d) for d in response.supported_dtypes],
             supported_loss_kinds=[LossKind(k) for k in response.supported_loss_kinds],
             max_message_bytes=response.max_message_bytes,
+            shared_memory=(
+                SharedMemoryInfo.from_proto(response.shared_memory) if response.HasField("shared_memory") else None
+            ),
         )

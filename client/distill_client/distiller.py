@@ -28,7 +28,10 @@ class RemoteFeatureDistiller(Closing):
         target: Where to connect when no client is given; default
             ``$DISTILL_TARGET``, else ``localhost:50051``.
         **client_options: Passed to :class:`DistillClient` when it is created
-            here (``timeout``, ``max_message_bytes``, ``credentials``, ...).
+            here (``timeout``, ``max_message_bytes``, ``credentials``, ...);
+            ``transport="shm"`` (or ``"grpc"``, default ``"auto"``) chooses
+            how tensors travel: through shared memory with a server on this
+            host, or as bytes (see :class:`DistillClient`).
     """
 
     def __init__(

@@ -11,6 +11,7 @@ import grpc
 
 from distill.v1 import distill_pb2 as pb
 from distill_client._closing import Closing
+from distill_client.shared_memory import Batch, SharedMemory
 from distill_core import wire
 from distill_core.errors import Unavailable, from_rich_status, from_rpc_error
 from distill_core.losses import LayerLoss
@@ -37,7 +38,8 @@ class StreamSession(Closing):
     :class:`~distill_core.errors.DistillError` and the session goes on.
     Use it as a context manager, or call :meth:`close`: closing ends the
     stream and frees the server's side of it at once. Not thread-safe: one
-    session per training loop.
+    session per training loop. Each step's tensors travel as the client's
+    ``transport`` says (a pooled shared-memory region per step, or bytes).
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class StreamSession(Closing):
         config: pb.StreamConfig,
         timeout: float | None,
         metadata: Sequence[tuple[str, str]] | None = None,
+        shared_memory: SharedMemory | None = None,
     ) -> None:
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._requests.put(pb.StreamLossesRequest(config=config).SerializeToString())
@@ -54,6 +57,8 @@ class StreamSession(Closing):
         )
         self._next_id = 0
         self._closed = False
+        self._gradients = config.return_gradients
+        self._shared_memory = shared_memory
 
     def step(self, teachers: Sequence[Any], students: Sequence[Any], step_id: int | None = None) -> StepResult:
         """The losses (and gradients, if configured) of one step.
@@ -68,20 +73,25 @@ class StreamSession(Closing):
             raise Unavailable("the stream is closed")
         step_id = self._next_id if step_id is None else step_id
         self._next_id = step_id + 1
-        self._requests.put(wire.build(pb.StreamLossesRequest(step_id=step_id), teachers=teachers, students=students))
-        try:
-            response = next(self._responses)
-        except grpc.RpcError as exc:
-            self._closed = True
-            raise from_rpc_error(exc) from exc
-        except StopIteration:
-            self._closed = True
-            raise Unavailable("the server ended the stream") from None
-        if response.HasField("error"):
-            raise from_rich_status(response.error)
-        return StepResult(
-            response.step_id, response.total_loss, [LayerLoss.from_proto(r) for r in response.layer_losses]
-        )
+
+        def send(batch: Batch) -> StepResult:
+            request = pb.StreamLossesRequest(step_id=step_id, gradient_outputs=batch.gradient_outputs)
+            self._requests.put(wire.build(request, teachers=batch.teachers, students=batch.students))
+            try:
+                response = next(self._responses)
+            except grpc.RpcError as exc:
+                self._closed = True
+                raise from_rpc_error(exc) from exc
+            except StopIteration:
+                self._closed = True
+                raise Unavailable("the server ended the stream") from None
+            if response.HasField("error"):
+                raise from_rich_status(response.error)
+            return StepResult(response.step_id, response.total_loss, batch.layers(response.layer_losses))
+
+        if self._shared_memory is None:
+            return send(Batch(list(teachers), list(students)))
+        return self._shared_memory.exchange(teachers, students, self._gradients, send)
 
     @property
     def closed(self) -> bool:

@@ -92,6 +92,12 @@ class RemoteDistillLoss(torch.nn.Module):
             ``ComputeTotalLoss`` call per step. A stream that ends with an
             error is reopened at the next step.
         names: Optional layer names, echoed in errors.
+        **client_options: Passed to :class:`DistillClient` when it is created
+            here: e.g. ``transport="shm"`` (or ``"grpc"``, default ``"auto"``)
+            sends the features, and gets the gradients back, through shared
+            memory with a server on this host. Features that are views of
+            :meth:`DistillClient.shared_arrays` (``torch.from_numpy``) on the
+            CPU go with no copy.
     """
 
     def __init__(

@@ -29,7 +29,7 @@ from distill_server.config import ServerConfig, format_address
 from distill_server.decoding import DecodingInterceptor
 from distill_server.metrics import Metrics
 from distill_server.servicer import DistillServicer, add_to_server, log_failure
-from distill_server.shared_memory import Regions, SealedSocket
+from distill_server.shared_memory import SOCKET_PREFIX, Regions, SealedSocket
 
 __all__ = ["DistillServer"]
 
@@ -85,7 +85,7 @@ def _sealed_socket(config: ServerConfig) -> SealedSocket | None:
     directory = _shared_memory_dir(config)
     if directory is None or not hasattr(fcntl, "F_GET_SEALS"):
         return None
-    path = directory / f"distill-server-{os.getpid()}-{secrets.token_hex(4)}.sock"
+    path = directory / f"{SOCKET_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.sock"
     limits = config.limits
     return SealedSocket(path, limits.max_shared_memory_regions, limits.receive_timeout)
 

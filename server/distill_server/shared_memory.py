@@ -66,7 +66,7 @@ from distill_core.errors import (
     SharedMemoryDisabled,
 )
 
-__all__ = ["KEY_PREFIX", "Region", "Regions", "SealedSocket"]
+__all__ = ["KEY_PREFIX", "SOCKET_PREFIX", "Region", "Regions", "SealedSocket"]
 
 log = logging.getLogger(__name__)
 
@@ -343,6 +343,24 @@ class Regions:
                 done += os.pwritev(region.fd, [flat[done:]], ref.offset + done)
 
 
+SOCKET_PREFIX = "distill-server-"
+
+
+def _remove_dead_sockets(directory: Path) -> None:
+    """Remove the sockets of servers that died without removing their own
+    (killed): nothing answers at them any more."""
+    for path in directory.glob(SOCKET_PREFIX + "*.sock"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(0.5)
+            try:
+                probe.connect(str(path))
+            except ConnectionRefusedError:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            except OSError:  # another user's, or not a socket: not ours to judge
+                pass
+
+
 class SealedSocket:
     """The Unix socket that takes sealed memory files from clients of the
     server's user and answers each with a ticket for RegisterSharedMemory.
@@ -357,9 +375,8 @@ class SealedSocket:
         self._most, self._hold, self._timeout = most, hold, timeout
         self._pending: dict[str, tuple[int, float]] = {}
         self._lock = threading.Lock()
+        _remove_dead_sockets(path.parent)
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()  # a socket left by a server that died
         old = os.umask(0o177)  # the socket file: mode 0600 from its creation
         try:
             self._socket.bind(str(path))
