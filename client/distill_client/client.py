@@ -184,10 +184,12 @@ class DistillClient(Closing):
         credentials: Ready-made channel credentials (instead of the TLS files).
         options: Extra gRPC channel options.
         transport: How tensors travel. ``"grpc"``: as bytes in the messages.
-            ``"shm"``: through POSIX shared memory the client registers with
-            the server (a trainer on the server's host, same user): each
-            call's tensors are copied into a pooled region once and gradients
-            come back the same way; raises
+            ``"shm"``: through shared memory the client registers with the
+            server (a trainer on the server's host, same user): each call's
+            tensors are copied into a pooled region once, the server computes
+            on them in place (a sealed memory file, on Linux; else it reads a
+            file in its shared-memory directory) and writes gradients there;
+            raises
             :class:`~distill_core.errors.SharedMemoryDisabled` where the
             server cannot share memory with this client. ``"auto"`` (the
             default): shared memory for calls of at least

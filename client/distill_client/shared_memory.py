@@ -1,12 +1,15 @@
-"""Tensors through POSIX shared memory, for a trainer on the server's host.
+"""Tensors through shared memory, for a trainer on the server's host.
 
 A co-located client need not push its feature maps through a socket: it
-creates a file in the server's shared-memory directory (``/dev/shm``),
-registers it (``RegisterSharedMemory``), copies each call's tensors into it
-and sends references (``Tensor.shared_memory``) instead of bytes; the server
-reads them, and writes gradients back, through the descriptor it opened at
-registration. The file's name is removed as soon as the server holds it, so
-nothing is left behind if either side dies.
+registers shared memory with the server (``RegisterSharedMemory``), copies
+each call's tensors into it and sends references (``Tensor.shared_memory``)
+instead of bytes; the server writes gradients back into it. Where the
+server offers its socket (Linux), a region is a memory file sealed against
+shrinking and handed to that socket, which the server maps and computes on
+in place; elsewhere it is a file in the server's shared-memory directory
+(``/dev/shm``), which the server reads and writes by descriptor. Either way
+nothing is left behind if either side dies: a file's name is removed as
+soon as the server holds it.
 
 - :class:`Region`: one registered region, a writable ``mmap`` whose
   registration call is its lease (cancelled by :meth:`Region.free`, or when
