@@ -698,3 +698,25 @@ def test_sockets_of_dead_servers_are_removed() -> None:
             path = Path(call(channel, "GetServerInfo", pb.GetServerInfoRequest()).shared_memory.socket)
         assert path.exists()  # a live server's socket answers, and stays
     assert not path.exists()
+
+
+def test_silent_socket_clients_cannot_lock_others_out(channel: grpc.Channel, socket_path: str) -> None:
+    silent = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3)]
+    try:
+        for connection in silent:
+            connection.connect(socket_path)  # and say nothing
+        sealed = Sealed(channel, socket_path, 4096)  # served meanwhile
+        assert len(sealed.ticket) == 32
+        for connection in silent:  # still waiting for their answer: served side by side, not in turn
+            with pytest.raises(BlockingIOError):
+                connection.recv(1, socket.MSG_DONTWAIT)
+        crowd = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+        for connection in crowd:
+            connection.connect(socket_path)
+        answers = [connection.makefile().readline() for connection in crowd[1:]]
+        assert answers == ["error: the socket is busy; retry\n"]  # four at a time; the fifth is told so
+        for connection in crowd:
+            connection.close()
+    finally:
+        for connection in silent:
+            connection.close()

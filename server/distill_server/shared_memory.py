@@ -365,14 +365,17 @@ class SealedSocket:
     """The Unix socket that takes sealed memory files from clients of the
     server's user and answers each with a ticket for RegisterSharedMemory.
 
-    One thread serves it, a connection at a time, each within ``timeout``
-    seconds; at most ``most`` files wait for their registration, each for at
-    most ``hold`` seconds.
+    One thread accepts; at most ``handlers`` connections are served at once,
+    each within ``timeout`` seconds (one more is told the socket is busy), so
+    clients that connect and say nothing cannot lock the others out. At
+    most ``most`` files wait for their registration, each for at most
+    ``hold`` seconds.
     """
 
-    def __init__(self, path: Path, most: int, hold: float, timeout: float = 2.0) -> None:
+    def __init__(self, path: Path, most: int, hold: float, timeout: float = 2.0, handlers: int = 4) -> None:
         self.path = path
         self._most, self._hold, self._timeout = most, hold, timeout
+        self._handlers = threading.BoundedSemaphore(handlers)
         self._pending: dict[str, tuple[int, float]] = {}
         self._lock = threading.Lock()
         _remove_dead_sockets(path.parent)
@@ -419,12 +422,21 @@ class SealedSocket:
                 continue
             except OSError:
                 return
+            if not self._handlers.acquire(blocking=False):
+                with connection, contextlib.suppress(OSError):
+                    connection.sendall(b"error: the socket is busy; retry\n")
+                continue
+            threading.Thread(target=self._handle, args=(connection,), name="distill-sealed-handler").start()
+
+    def _handle(self, connection: socket.socket) -> None:
+        try:
             with connection:
-                try:
-                    connection.settimeout(self._timeout)
-                    connection.sendall(self._answer(connection).encode() + b"\n")
-                except OSError as exc:  # the client went away, or took too long
-                    log.debug("sealed-memory socket: %s", exc)
+                connection.settimeout(self._timeout)
+                connection.sendall(self._answer(connection).encode() + b"\n")
+        except OSError as exc:  # the client went away, or took too long
+            log.debug("sealed-memory socket: %s", exc)
+        finally:
+            self._handlers.release()
 
     def _answer(self, connection: socket.socket) -> str:
         """Receive one descriptor; the ticket for it, or ``error: ...``."""
