@@ -232,16 +232,9 @@ def create_region(
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
-        handle, lease = register(key, size)
-        try:
-            return Region.open(fd, size, handle, lease)
-        except BaseException:
-            lease.cancel()
-            raise
+        return _registered(fd, size, key, register)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.ENOMEM):
-            raise ResourceExhausted(f"no room for a {size}-byte shared-memory region in {directory}: {exc}") from exc
-        raise SharedMemoryDisabled(f"cannot set up a shared-memory file in {directory}: {exc}") from exc
+        raise _setup_error(exc, size, f"a shared-memory file in {directory}") from exc
     finally:
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):
@@ -271,18 +264,28 @@ def create_sealed_region(socket_path: str, size: int, register: Callable[[str, i
             answer = connection.makefile("r", encoding="ascii", errors="replace").readline(256).strip()
         if not re.fullmatch(r"[0-9a-f]{32}", answer):
             raise SharedMemoryDisabled(f"the server's socket {socket_path} refused the memory file: {answer!r}")
-        handle, lease = register(answer, size)
-        try:
-            return Region.open(fd, size, handle, lease)
-        except BaseException:
-            lease.cancel()
-            raise
+        return _registered(fd, size, answer, register)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.ENOMEM):
-            raise ResourceExhausted(f"no memory for a {size}-byte shared-memory region: {exc}") from exc
-        raise SharedMemoryDisabled(f"cannot hand a memory file to the server's socket {socket_path}: {exc}") from exc
+        raise _setup_error(exc, size, f"a memory file for the server's socket {socket_path}") from exc
     finally:
         os.close(fd)
+
+
+def _registered(fd: int, size: int, name: str, register: Callable[[str, int], tuple[str, Lease]]) -> Region:
+    """Register ``name`` and map ``fd`` as that region (the lease ended if mapping fails)."""
+    handle, lease = register(name, size)
+    try:
+        return Region.open(fd, size, handle, lease)
+    except BaseException:
+        lease.cancel()
+        raise
+
+
+def _setup_error(exc: OSError, size: int, what: str) -> DistillError:
+    """What an OSError setting up a region means for the caller."""
+    if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+        return ResourceExhausted(f"no room for a {size}-byte region, {what}: {exc}")
+    return SharedMemoryDisabled(f"cannot set up {what}: {exc}")
 
 
 def region_size(nbytes: int, max_bytes: int = 0) -> int:
