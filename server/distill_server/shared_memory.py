@@ -300,8 +300,8 @@ class Regions:
             RegionTruncated: the file is shorter than the range now.
         """
         with self._using(ref, field) as region:
-            if region.mapping is not None:  # sealed: the range in place
-                return memoryview(region.mapping)[ref.offset : ref.offset + ref.byte_size]
+            if region.mapping is not None:  # sealed: the range in place, which nothing here may write
+                return memoryview(region.mapping).toreadonly()[ref.offset : ref.offset + ref.byte_size]
             data = np.empty(ref.byte_size, np.uint8).data  # no zero-filling pass
             done = 0
             while done < ref.byte_size:
