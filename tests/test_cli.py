@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -127,3 +128,14 @@ def test_request_over_the_client_limit(server: InProcessServer) -> None:
 def test_unreachable_server_is_unavailable() -> None:
     with DistillClient("127.0.0.1:1", timeout=5) as client, pytest.raises(Unavailable):
         client.server_info()
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("3", "3")])
+def test_the_server_keeps_blas_to_one_thread_unless_told(given: str | None, expected: str) -> None:
+    """Set before NumPy loads its BLAS, whose threads would compete with the workers."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if given is not None:
+        env["OPENBLAS_NUM_THREADS"] = given
+    code = "import distill_server.cli, os, sys; print(os.environ['OPENBLAS_NUM_THREADS'], 'numpy' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == [expected, "True"], done.stderr

@@ -4,7 +4,16 @@ Installed with the ``server`` extra (``pip install "distill-service[server]"``);
 a plain install is the client only.
 """
 
+import os
 from importlib.metadata import PackageNotFoundError, version
+
+# The server computes in threads of its own (--workers). BLAS threads on top
+# only compete with them, and with a co-located trainer, for the cores:
+# OpenBLAS's helper threads spin for about 0.1 s after each call (measured,
+# docs/benchmarks.md). Set before NumPy loads its BLAS; an operator's own
+# setting wins.
+for _variable in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
 
 try:
     import grpc_health  # noqa: F401
