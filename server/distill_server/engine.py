@@ -420,7 +420,7 @@ class _Pass:
         return accurate
 
 
-def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None) -> tuple[float, Any]:
+def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None, out: Any = None) -> tuple[float, Any]:
     """:func:`evaluate`, raising :class:`_GradientOverflow` for a gradient beyond the student's dtype."""
     xp = array_module(teacher)
     terms = _Terms.of(loss)
@@ -430,7 +430,10 @@ def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None)
     rows = n // width
     t, s = teacher.reshape(rows, width), student.reshape(rows, width)
     passes = _Pass(xp, terms, t, s, scale is not None)
-    out = None if scale is None else xp.empty(student.shape, dtype=student.dtype)
+    if scale is None:
+        out = None
+    elif out is None:
+        out = xp.empty(student.shape, dtype=student.dtype)
     k = scale or 0.0  # used only with a gradient
     gamma = k * terms.kl * terms.tau / rows  # d KL / ds = tau (q - p), per row
     sq = cosine = kl = peak = 0.0
@@ -542,10 +545,10 @@ def _first_non_finite(array: Any) -> int | None:
 
 
 def _compute(
-    index: int, layer: Layer, teacher: Any, student: Any, fields: tuple[str, str], gradient: bool
+    index: int, layer: Layer, teacher: Any, student: Any, fields: tuple[str, str], gradient: bool, out: Any = None
 ) -> LayerResult:
     try:
-        value, grad = _evaluate(layer.loss, teacher, student, layer.weight if gradient else None)
+        value, grad = _evaluate(layer.loss, teacher, student, layer.weight if gradient else None, out)
     except _GradientOverflow as exc:
         raise LossOverflow(
             f"layer {index}: the gradient for {fields[1]} of the {layer.loss!r} loss times weight {layer.weight} "
@@ -578,11 +581,13 @@ def _compute(
 
 
 def layer_loss(
-    layers: Sequence[Layer], index: int, teacher: Any, student: Any, *, gradient: bool = False
+    layers: Sequence[Layer], index: int, teacher: Any, student: Any, *, gradient: bool = False, out: Any = None
 ) -> LayerResult:
     """The reference's ``compute_layer_loss``: layer ``index``'s weighted loss.
 
-    With ``gradient``, also ``weight * d loss / d student``.
+    With ``gradient``, also ``weight * d loss / d student``, written into
+    ``out`` when given (an array of the student's shape and dtype: shared
+    memory the client reads it from), else into a new array.
 
     Raises:
         LayerIndexOutOfRange: ``index >= len(layers)`` (expected ``len(layers)``,
@@ -599,18 +604,24 @@ def layer_loss(
         )
     fields = ("teacher", "student")
     _check_pair(index, layers[index].loss, teacher, student, fields)
-    return _compute(index, layers[index], teacher, student, fields, gradient)
+    return _compute(index, layers[index], teacher, student, fields, gradient, out)
 
 
 def total_loss(
-    layers: Sequence[Layer], teachers: Sequence[Any], students: Sequence[Any], *, gradient: bool = False
+    layers: Sequence[Layer],
+    teachers: Sequence[Any],
+    students: Sequence[Any],
+    *,
+    gradient: bool = False,
+    out: Sequence[Any] | None = None,
 ) -> tuple[float, list[LayerResult]]:
     """The reference's ``compute_total_loss``: the sum of every layer's weighted loss.
 
     Counts are checked first (teachers, then students); then every layer's
     inputs, so the first failing layer's error wins; only then is anything
     computed. With ``gradient``, each result holds the gradient of the total
-    with respect to its student tensor.
+    with respect to its student tensor, written into ``out[i]`` where that
+    is an array (as in :func:`layer_loss`).
 
     Raises:
         DimensionMismatch: a tensor count differs from ``len(layers)``.
@@ -628,8 +639,12 @@ def total_loss(
     fields = [(f"teachers[{i}]", f"students[{i}]") for i in range(len(layers))]
     for i, (layer, teacher, student) in enumerate(zip(layers, teachers, students, strict=True)):
         _check_pair(i, layer.loss, teacher, student, fields[i])
+    outs = out if out is not None else [None] * len(layers)
     results = [
-        _compute(i, *args, gradient) for i, args in enumerate(zip(layers, teachers, students, fields, strict=True))
+        _compute(i, layer, teacher, student, names, gradient, into)
+        for i, (layer, teacher, student, names, into) in enumerate(
+            zip(layers, teachers, students, fields, outs, strict=True)
+        )
     ]
     try:
         total = math.fsum(result.loss.weighted_loss for result in results)

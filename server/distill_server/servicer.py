@@ -216,11 +216,13 @@ class DistillServicer:
         outputs = self._outputs(
             [request.gradient_output] if request.HasField("gradient_output") else [], 1, request.return_gradients
         )
+        target = outputs[0] if outputs else None
+        (into,) = self._into([target], [student], ["gradient_output"])
         self._count_elements("ComputeLayerLoss", [teacher, student])
         result = engine.layer_loss(
-            layers, index, *self._on_device([teacher, student]), gradient=request.return_gradients
+            layers, index, *self._on_device([teacher, student]), gradient=request.return_gradients, out=into
         )
-        encoded = self._encode(result, student.dtype, outputs[0] if outputs else None, "gradient_output")
+        encoded = self._encode(result, student.dtype, target, "gradient_output", written=into is not None)
         return wire.build(pb.ComputeLayerLossResponse(), layer_loss=encoded)
 
     def _total_loss(self, parsed: Parsed[pb.ComputeTotalLossRequest]) -> bytes:
@@ -244,13 +246,15 @@ class DistillServicer:
         students = validation.tensor_list(self._resolve(views["students"], "students"), "students")
         targets: list[pb.SharedMemoryRef | None] = [*self._outputs(outputs, len(layers), gradients)]
         targets = targets or [None] * len(students)
+        names = [f"gradient_outputs[{i}]" for i in range(len(targets))]
+        into = self._into(targets, students, names)
         self._count_elements(rpc, teachers + students)
         total, results = engine.total_loss(
-            layers, self._on_device(teachers), self._on_device(students), gradient=gradients
+            layers, self._on_device(teachers), self._on_device(students), gradient=gradients, out=into
         )
         return total, [
-            self._encode(r, s.dtype, target, f"gradient_outputs[{i}]")
-            for i, (r, s, target) in enumerate(zip(results, students, targets, strict=True))
+            self._encode(r, s.dtype, target, name, written=array is not None)
+            for r, s, target, name, array in zip(results, students, targets, names, into, strict=True)
         ]
 
     def _resolve(self, views: list[wire.TensorView], field: str, repeated: bool = True) -> list[wire.TensorView]:
@@ -264,6 +268,19 @@ class DistillServicer:
             raise InvalidArgument(f"{field} sets both data and shared_memory; set one", field=field)
         data = self.regions.read(view.shared_memory, f"{field}.shared_memory")
         return wire.TensorView(view.dtype, view.shape, data)
+
+    def _into(
+        self, targets: Sequence[pb.SharedMemoryRef | None], students: Sequence[np.ndarray], fields: Sequence[str]
+    ) -> list[Any]:
+        """Arrays in mapped shared memory that the engine writes gradients
+        straight into (a target in a sealed region, on the CPU); None where
+        the gradient is written to its target after (or has none)."""
+        return [
+            None
+            if target is None or self.backend.device != "cpu"
+            else self.regions.array(target, s.dtype, s.shape, field)
+            for target, s, field in zip(targets, students, fields, strict=False)
+        ]
 
     @staticmethod
     def _outputs(outputs: Sequence[pb.SharedMemoryRef], layers: int, gradients: bool) -> list[pb.SharedMemoryRef]:
@@ -288,17 +305,24 @@ class DistillServicer:
         return [self.backend.to_device(array) for array in arrays]
 
     def _encode(
-        self, result: engine.LayerResult, dtype: np.dtype[Any], output: pb.SharedMemoryRef | None, field: str
+        self,
+        result: engine.LayerResult,
+        dtype: np.dtype[Any],
+        output: pb.SharedMemoryRef | None,
+        field: str,
+        written: bool = False,
     ) -> wire.Framed:
         """A layer's result, its gradient in the student's wire dtype framed
-        without protobuf's copies, or written to ``output`` in shared memory."""
+        without protobuf's copies, or in shared memory at ``output`` (where
+        the engine has ``written`` it already, or copied there now)."""
         message = result.loss.to_proto()
         if result.gradient is None:
             return wire.frame(message)
         code, gradient = tensors.to_wire(self.backend.to_host(result.gradient).astype(dtype, copy=False))
         if output is None:
             return wire.frame(message, student_gradient=gradient)
-        self.regions.write(output, gradient.reshape(-1).view(np.uint8).data, field)
+        if not written:
+            self.regions.write(output, gradient.reshape(-1).view(np.uint8).data, field)
         reference = pb.Tensor(dtype=code, shape=gradient.shape, shared_memory=output)
         return wire.frame(message, student_gradient=reference)
 

@@ -40,6 +40,7 @@ import array
 import contextlib
 import fcntl
 import logging
+import math
 import mmap
 import os
 import re
@@ -52,6 +53,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -314,6 +316,25 @@ class Regions:
                     )
                 done += count
             return data
+
+    def array(self, ref: pb.SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...], field: str) -> Any:
+        """A writable array on ``ref`` where its region is mapped (sealed), so
+        that a gradient is computed straight into it; None for a region read
+        and written by descriptor (then :meth:`write` copies it there).
+
+        Raises:
+            InvalidArgument: ``ref.byte_size`` differs from the array's size.
+            RegionNotFound, RegionOutOfBounds: as :meth:`read`.
+        """
+        nbytes = math.prod(shape) * dtype.itemsize
+        if ref.byte_size != nbytes:
+            raise InvalidArgument(
+                f"{field}.byte_size is {ref.byte_size}; the gradient needs {nbytes} bytes", field=f"{field}.byte_size"
+            )
+        with self._using(ref, field) as region:
+            if region.mapping is None:
+                return None
+            return np.frombuffer(region.mapping, dtype, math.prod(shape), ref.offset).reshape(shape)
 
     def write(self, ref: pb.SharedMemoryRef, data: memoryview, field: str) -> None:
         """Write ``data`` at ``ref`` (the sizes must agree).
