@@ -105,7 +105,7 @@ def _error_table() -> list[tuple[str, str, str | None, list[str]]]:
 
 def test_readme_error_table_matches_the_exported_errors() -> None:
     rows = _error_table()
-    assert len(rows) == 10, rows  # every row with one class and one status code
+    assert len(rows) == 15, rows  # every row with one class and one status code
     assert "`distill_client.DistillError`" in README
     for name, code, base, fields in rows:
         assert name in distill_client.__all__, name
