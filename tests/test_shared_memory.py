@@ -720,3 +720,13 @@ def test_silent_socket_clients_cannot_lock_others_out(channel: grpc.Channel, soc
     finally:
         for connection in silent:
             connection.close()
+
+
+def test_a_lease_is_no_call_in_flight(server: InProcessServer, channel: grpc.Channel, shm: Callable[..., Shm]) -> None:
+    """The autoscaler follows calls in flight; a region held open is not one."""
+    lease = register(channel, shm(4096))
+    try:
+        assert server.sample("distill_requests_in_flight", rpc="RegisterSharedMemory") == 0
+        assert server.sample("distill_shared_memory_regions") >= 1
+    finally:
+        lease.close()

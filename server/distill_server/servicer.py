@@ -451,12 +451,10 @@ class DistillServicer:
     def _slot(self, rpc: str, kind: Kind) -> Iterator[None]:
         """Hold one of ``--max-concurrent-calls`` (or ``-streams``) slots (calls run on one event loop)."""
         stream = kind == "stream"
-        if kind == "lease":
-            self.metrics.in_flight.labels(rpc).inc()
-            try:
-                yield
-            finally:
-                self.metrics.in_flight.labels(rpc).dec()
+        if (
+            kind == "lease"
+        ):  # not a call in flight (nor one for the autoscaler): distill_shared_memory_regions counts it
+            yield
             return
         active, limit, flag = (
             (self.active_streams, self.limits.max_concurrent_streams, "--max-concurrent-streams")
