@@ -412,7 +412,14 @@ class DistillServicer:
         registration, open while the region lives) no slot, its region
         counting against the region limits instead.
         """
-        start, code = time.perf_counter(), "OK"
+        start, code, counted = time.perf_counter(), "OK", False
+
+        def count(code: str) -> None:
+            nonlocal counted
+            counted = True
+            self.metrics.requests.labels(rpc, code).inc()
+            self.metrics.duration.labels(rpc).observe(time.perf_counter() - start)
+
         stream = kind == "stream"
         call = _Call(self, rpc, context, None if stream else self.budget)
         log.debug("call started: rpc=%s peer=%s", rpc, call.peer)
@@ -431,6 +438,7 @@ class DistillServicer:
         except DistillError as error:
             code = error.code.name
             log_failure(rpc, error, call.peer)
+            count(code)  # before the status: a client that has it finds it counted
             await context.abort_with_status(to_status(error))
         except BaseException as exc:  # the client went away, or an abort
             code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "UNKNOWN"
@@ -444,8 +452,8 @@ class DistillServicer:
             call.close()
             if stream:
                 log.debug("stream ended: peer=%s steps=%d", call.peer, call.steps)
-            self.metrics.requests.labels(rpc, code).inc()
-            self.metrics.duration.labels(rpc).observe(time.perf_counter() - start)
+            if not counted:
+                count(code)
 
     @contextlib.contextmanager
     def _slot(self, rpc: str, kind: Kind) -> Iterator[None]:
