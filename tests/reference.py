@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import math
 
+import ml_dtypes
 import numpy as np
 
-from distill_client import DistilLoss, LossKind
+from distill_client import DistilLoss, LossKind, Reduction
 
 ALL_LOSSES = [DistilLoss.mse(), DistilLoss.cosine(), DistilLoss.kl_divergence(2.0), DistilLoss.combined(0.3, 0.7, 4.0)]
 """One loss of every kind."""
+
+LOSSES_BOTH_REDUCTIONS = [
+    DistilLoss.mse(),
+    DistilLoss.cosine(),
+    DistilLoss.kl_divergence(2.0),
+    DistilLoss.combined(0.7, 0.3, 4.0),
+    DistilLoss.cosine(reduction=Reduction.PER_ROW),
+    DistilLoss.kl_divergence(0.5, reduction=Reduction.PER_ROW),
+]
+"""Every kind, and the per-row forms of the kinds that have one."""
+
+WIRE_DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16, np.float64]
+"""Every dtype a tensor may have on the wire."""
 
 
 def reference(loss: DistilLoss, t: np.ndarray, s: np.ndarray) -> float:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -28,21 +27,13 @@ from distill_client import DistilLoss, Reduction
 from distill_core import errors, rpc, tensors, wire
 from distill_core.errors import DistillError, from_rpc_error
 from distill_server.config import ServerConfig
-from tests.reference import reference
+from tests.reference import LOSSES_BOTH_REDUCTIONS, WIRE_DTYPES, reference
 from tests.servers import InProcessServer, ServerProcess, eventually
 
 SHM = Path("/dev/shm")
 pytestmark = pytest.mark.skipif(not SHM.is_dir(), reason="needs /dev/shm")
 
-LOSSES = [
-    DistilLoss.mse(),
-    DistilLoss.cosine(),
-    DistilLoss.kl_divergence(2.0),
-    DistilLoss.combined(0.7, 0.3, 4.0),
-    DistilLoss.cosine(reduction=Reduction.PER_ROW),
-    DistilLoss.kl_divergence(0.5, reduction=Reduction.PER_ROW),
-]
-DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16, np.float64]
+LOSSES, DTYPES = LOSSES_BOTH_REDUCTIONS, WIRE_DTYPES
 
 
 class Shm:

@@ -9,7 +9,6 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -22,19 +21,12 @@ from distill_client import (
     Unauthenticated,
 )
 from distill_server.config import ServerConfig
+from tests.reference import LOSSES_BOTH_REDUCTIONS, WIRE_DTYPES
 from tests.servers import InProcessServer, eventually
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
 
-LOSSES = [
-    DistilLoss.mse(),
-    DistilLoss.cosine(),
-    DistilLoss.kl_divergence(2.0),
-    DistilLoss.combined(0.7, 0.3, 4.0),
-    DistilLoss.cosine(reduction=Reduction.PER_ROW),
-    DistilLoss.kl_divergence(0.5, reduction=Reduction.PER_ROW),
-]
-DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16, np.float64]
+LOSSES, DTYPES = LOSSES_BOTH_REDUCTIONS, WIRE_DTYPES
 
 
 @pytest.fixture(params=["sealed", "file"])
