@@ -6,7 +6,10 @@
 # those wheels installed, run as a non-root user.
 
 # cupy-cuda12x loads the CUDA 12 libraries of the base image (its wheels are
-# built for CUDA 12.x), so the two are chosen together. This is the only place
+# built for CUDA 12.x), so the two are chosen together. The engine's kernels
+# are compiled at run time by the base image's NVRTC; the one toolkit header
+# they include, cuda_fp16.h, ships inside the cupy-cuda12x 13.6 wheel (a
+# runtime image has no toolkit headers). This is the only place
 # the pin is written; both stages install under the same constraint. Override
 # them together, e.g.
 #   docker build --build-arg CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 \

@@ -64,9 +64,9 @@ def settled_median(fn: Callable[[], object], repeats: int) -> float:
     return median_seconds(fn, repeats)
 
 
-def start_distill_server() -> tuple[subprocess.Popen[str], str]:
+def start_distill_server(device: str = "cpu") -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "distill_server", "--port", "0", "--device", "cpu", "--max-message-mb", "512"],
+        [sys.executable, "-m", "distill_server", "--port", "0", "--device", device, "--max-message-mb", "512"],
         stderr=subprocess.PIPE,
         text=True,
     )

@@ -17,11 +17,13 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 MODULES = [
     "distill_client",
     "distill_client.client",
+    "distill_client.cuda_ipc",
     "distill_client.distiller",
     "distill_client.shared_memory",
     "distill_client.stream",
     "distill_client.torch",
     "distill_core",
+    "distill_core.cuda",
     "distill_core.errors",
     "distill_core.losses",
     "distill_core.rpc",
@@ -33,6 +35,7 @@ MODULES = [
     "distill_server.backend",
     "distill_server.cli",
     "distill_server.config",
+    "distill_server.cuda_ipc",
     "distill_server.decoding",
     "distill_server.engine",
     "distill_server.metrics",
@@ -105,7 +108,7 @@ def _error_table() -> list[tuple[str, str, str | None, list[str]]]:
 
 def test_readme_error_table_matches_the_exported_errors() -> None:
     rows = _error_table()
-    assert len(rows) == 15, rows  # every row with one class and one status code
+    assert len(rows) == 16, rows  # every row with one class and one status code
     assert "`distill_client.DistillError`" in README
     for name, code, base, fields in rows:
         assert name in distill_client.__all__, name

@@ -16,11 +16,13 @@ from distill_client.client import (
     ServerInfo,
     TotalLoss,
 )
+from distill_client.cuda_ipc import CudaIpcInfo
 from distill_client.distiller import RemoteFeatureDistiller
 from distill_client.shared_memory import SharedMemoryInfo
 from distill_client.stream import StepResult, StreamSession
 from distill_core.errors import (
     Cancelled,
+    CudaIpcUnavailable,
     DeadlineExceeded,
     DimensionMismatch,
     DistillError,
@@ -58,6 +60,8 @@ __all__ = [
     "DEFAULT_TARGET",
     "DEFAULT_TIMEOUT",
     "Cancelled",
+    "CudaIpcInfo",
+    "CudaIpcUnavailable",
     "DeadlineExceeded",
     "DimensionMismatch",
     "DistilLoss",

@@ -16,6 +16,7 @@ import numpy.typing as npt
 
 from distill.v1 import distill_pb2 as pb
 from distill_client._closing import Closing
+from distill_client.cuda_ipc import CudaIpc, CudaIpcInfo
 from distill_client.shared_memory import Batch, SharedMemory, SharedMemoryInfo, Transport
 from distill_client.stream import StreamSession
 from distill_core import rpc, wire
@@ -77,6 +78,9 @@ class ServerInfo:
     shared_memory: SharedMemoryInfo | None = None
     """Whether and how it shares memory with clients on its host (None: a
     server that does not say, so does not)."""
+    cuda_ipc: CudaIpcInfo | None = None
+    """Whether it takes CUDA memory of clients on its GPU by IPC handle, and
+    its GPU's UUID (None: a server that does not say, so does not)."""
 
 
 def _layers(layers: Sequence[LayerSpec], names: Sequence[str] | None) -> list[pb.Layer]:
@@ -199,6 +203,14 @@ class DistillClient(Closing):
             at all. Shared memory needs every call to reach the replica that
             holds the regions: with ``"auto"`` a call that does not is sent
             again as bytes, and shared memory is off from then on.
+            CUDA arrays (CuPy arrays, torch CUDA tensors, anything with
+            ``__cuda_array_interface__``): with ``"auto"``, where the server
+            computes on their GPU (GetServerInfo's ``cuda_ipc``), they go as
+            CUDA IPC handles and the gradients are written into device
+            buffers of the students' library, dtype and shape, which come
+            back as the layers' gradients; elsewhere they are copied to the
+            host first. ``"cuda_ipc"`` sends every call so or raises
+            :class:`~distill_core.errors.CudaIpcUnavailable`.
 
     Calls are balanced round-robin over the target's addresses, and only
     over replicas whose ``grpc.health.v1`` status for
@@ -261,6 +273,7 @@ class DistillClient(Closing):
         except ValueError:
             self._channel.close()
             raise
+        self._cuda_ipc = CudaIpc(transport, self._shared_memory, lambda: self.server_info().cuda_ipc, self.target)
         self.transport = transport
 
     def _unary(self, method: rpc.Rpc) -> grpc.UnaryUnaryMultiCallable:
@@ -271,6 +284,7 @@ class DistillClient(Closing):
         """Release every shared-memory region, then close the channel; calls
         in flight are cancelled."""
         self._shared_memory.close()
+        self._cuda_ipc.close()
         self._channel.close()
 
     def _call(self, method: Any, request: bytes, timeout: float | None) -> Any:
@@ -294,19 +308,21 @@ class DistillClient(Closing):
         """Layer ``layer_index``'s loss, weighted by its weight.
 
         ``teacher`` and ``student`` are arrays of any shape (flattened),
-        DLPack or ``__array__`` objects, or lists of floats. With
+        DLPack or ``__array__`` objects, CUDA arrays (see ``transport``), or
+        lists of floats. With
         ``gradients``, the result's ``gradient`` is ``weight * d loss / d student``.
         """
         config = _layers(layers, names)
 
         def send(batch: Batch) -> LayerLoss:
-            outputs = batch.gradient_outputs
+            outputs, cuda_outputs = batch.gradient_outputs, batch.gradient_cuda_outputs
             request = wire.build(
                 pb.ComputeLayerLossRequest(
                     layers=config,
                     layer_index=layer_index,
                     return_gradients=gradients,
                     gradient_output=outputs[0] if outputs else None,
+                    gradient_cuda_output=cuda_outputs[0] if cuda_outputs else None,
                 ),
                 teacher=batch.teachers[0],
                 student=batch.students[0],
@@ -314,7 +330,7 @@ class DistillClient(Closing):
             response: pb.ComputeLayerLossResponse = self._call(self._layer_loss, request, timeout)
             return batch.layers([response.layer_loss])[0]
 
-        return self._shared_memory.exchange([teacher], [student], gradients, send)
+        return self._cuda_ipc.exchange([teacher], [student], gradients, send)
 
     def compute_total_loss(
         self,
@@ -336,7 +352,10 @@ class DistillClient(Closing):
         def send(batch: Batch) -> TotalLoss:
             request = wire.build(
                 pb.ComputeTotalLossRequest(
-                    layers=config, return_gradients=gradients, gradient_outputs=batch.gradient_outputs
+                    layers=config,
+                    return_gradients=gradients,
+                    gradient_outputs=batch.gradient_outputs,
+                    gradient_cuda_outputs=batch.gradient_cuda_outputs,
                 ),
                 teachers=batch.teachers,
                 students=batch.students,
@@ -344,7 +363,7 @@ class DistillClient(Closing):
             response: pb.ComputeTotalLossResponse = self._call(self._total_loss, request, timeout)
             return TotalLoss(response.total_loss, batch.layers(response.layer_losses))
 
-        return self._shared_memory.exchange(teachers, students, gradients, send)
+        return self._cuda_ipc.exchange(teachers, students, gradients, send)
 
     def stream(
         self,
@@ -361,7 +380,7 @@ class DistillClient(Closing):
         default, unlike the other calls).
         """
         config = pb.StreamConfig(layers=_layers(layers, names), return_gradients=gradients)
-        return StreamSession(self._stream_losses, config, timeout, self._metadata, self._shared_memory)
+        return StreamSession(self._stream_losses, config, timeout, self._metadata, self._cuda_ipc)
 
     def shared_arrays(
         self, shapes: Sequence[int | Sequence[int]], dtype: npt.DTypeLike = np.float32
@@ -399,4 +418,5 @@ class DistillClient(Closing):
             shared_memory=(
                 SharedMemoryInfo.from_proto(response.shared_memory) if response.HasField("shared_memory") else None
             ),
+            cuda_ipc=CudaIpcInfo.from_proto(response.cuda_ipc) if response.HasField("cuda_ipc") else None,
         )

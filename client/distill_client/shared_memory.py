@@ -84,7 +84,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Transport = Literal["auto", "shm", "grpc"]
+Transport = Literal["auto", "shm", "grpc", "cuda_ipc"]
 TRANSPORTS: tuple[str, ...] = get_args(Transport)
 """The values of ``DistillClient(transport=...)``."""
 
@@ -412,6 +412,9 @@ class Batch(Closing):
         self.students = students
         self.gradient_outputs = list(gradient_outputs)
         """For the request's ``gradient_outputs`` (or ``gradient_output``): empty when inline."""
+        self.gradient_cuda_outputs: list[pb.CudaIpcRef] = []
+        """For the request's ``gradient_cuda_outputs`` (or ``gradient_cuda_output``): see
+        :class:`distill_client.cuda_ipc.CudaBatch`."""
         self._gradients = list(gradients)
         self._region = region
         self._pool = pool
@@ -465,14 +468,15 @@ class Batch(Closing):
 class SharedMemory:
     """The shared-memory side of one :class:`~distill_client.DistillClient`.
 
-    ``transport`` is the client's: ``"grpc"`` never shares memory; ``"shm"``
+    ``transport`` is the client's: ``"grpc"`` (and ``"cuda_ipc"``, which
+    sends CUDA memory by handle instead) never shares memory; ``"shm"``
     sends every call's tensors through it or raises
     :class:`~distill_core.errors.SharedMemoryDisabled`; ``"auto"`` finds out
     at the first call that would use it (from :data:`SHM_THRESHOLD_BYTES`
     copied), once, and otherwise sends bytes.
 
     Args:
-        transport: ``"auto"``, ``"shm"`` or ``"grpc"``.
+        transport: ``"auto"``, ``"shm"``, ``"grpc"`` or ``"cuda_ipc"``.
         channel: The client's channel, for ``RegisterSharedMemory``.
         metadata: The client's call metadata (its bearer token).
         timeout: How long a registration may take to answer.
@@ -501,7 +505,7 @@ class SharedMemory:
         self._probing = threading.Lock()
         self._info: SharedMemoryInfo | None = None
         self._pool: RegionPool | None = None
-        self._disabled: str | None = "transport='grpc'" if transport == "grpc" else None
+        self._disabled: str | None = f"transport={transport!r}" if transport in ("grpc", "cuda_ipc") else None
         self._closed = False
         self._shared: weakref.WeakSet[Region] = weakref.WeakSet()
 
@@ -624,7 +628,7 @@ class SharedMemory:
         with ``auto`` from :data:`SHM_THRESHOLD_BYTES`) together with the
         gradient outputs, or go inline.
         """
-        if self.transport == "grpc":
+        if self.transport in ("grpc", "cuda_ipc"):
             return Batch(list(teachers), list(students))
         wired = [to_wire(value) for value in (*teachers, *students)]
         with self._lock:

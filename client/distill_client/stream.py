@@ -11,6 +11,7 @@ import grpc
 
 from distill.v1 import distill_pb2 as pb
 from distill_client._closing import Closing
+from distill_client.cuda_ipc import CudaIpc
 from distill_client.shared_memory import Batch, SharedMemory
 from distill_core import wire
 from distill_core.errors import Unavailable, from_rich_status, from_rpc_error
@@ -39,7 +40,8 @@ class StreamSession(Closing):
     Use it as a context manager, or call :meth:`close`: closing ends the
     stream and frees the server's side of it at once. Not thread-safe: one
     session per training loop. Each step's tensors travel as the client's
-    ``transport`` says (a pooled shared-memory region per step, or bytes).
+    ``transport`` says (a pooled shared-memory region per step, CUDA IPC
+    handles, or bytes).
     """
 
     def __init__(
@@ -48,7 +50,7 @@ class StreamSession(Closing):
         config: pb.StreamConfig,
         timeout: float | None,
         metadata: Sequence[tuple[str, str]] | None = None,
-        shared_memory: SharedMemory | None = None,
+        shared_memory: SharedMemory | CudaIpc | None = None,
     ) -> None:
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._requests.put(pb.StreamLossesRequest(config=config).SerializeToString())
@@ -75,7 +77,11 @@ class StreamSession(Closing):
         self._next_id = step_id + 1
 
         def send(batch: Batch) -> StepResult:
-            request = pb.StreamLossesRequest(step_id=step_id, gradient_outputs=batch.gradient_outputs)
+            request = pb.StreamLossesRequest(
+                step_id=step_id,
+                gradient_outputs=batch.gradient_outputs,
+                gradient_cuda_outputs=batch.gradient_cuda_outputs,
+            )
             self._requests.put(wire.build(request, teachers=batch.teachers, students=batch.students))
             try:
                 response = next(self._responses)

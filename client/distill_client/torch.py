@@ -3,8 +3,11 @@
 ``RemoteDistillLoss`` is an ``nn.Module`` whose forward returns the remote
 total loss as a scalar tensor attached to the students' graph: ``backward()``
 feeds the server's gradients into it, as if the loss were computed locally.
-Teacher features are detached. CUDA tensors work: they travel through host
-memory and the gradients come back on each student's device and dtype.
+Teacher features are detached. CUDA tensors work: with a server computing on
+their GPU (and the client's ``transport`` ``"auto"`` or ``"cuda_ipc"``) they
+go as CUDA IPC handles and the gradients are written straight into device
+buffers, so nothing leaves the GPU; otherwise they travel through host
+memory. Either way the gradients come back on each student's device and dtype.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ import numpy as np
 import torch
 
 from distill_client.client import DistillClient, LayerSpec, TotalLoss
+from distill_client.cuda_ipc import is_cuda_array
 from distill_client.stream import StreamSession
 
 __all__ = ["RemoteDistillLoss", "from_numpy", "remote_distill_loss", "to_numpy"]
 
-Compute = Callable[[list[np.ndarray], list[np.ndarray], bool], TotalLoss]
+Compute = Callable[[list[Any], list[Any], bool], TotalLoss]
+"""``compute(teachers, students, gradients)``: NumPy arrays, or (where the
+bridge passes CUDA tensors through) detached torch CUDA tensors."""
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -32,8 +38,11 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return host.numpy()
 
 
-def from_numpy(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """``array`` as a tensor on ``like``'s device and dtype."""
+def from_numpy(array: np.ndarray | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``array`` as a tensor on ``like``'s device and dtype (a tensor already
+    there, such as a gradient the server wrote into CUDA memory, as it is)."""
+    if isinstance(array, torch.Tensor):
+        return array.to(device=like.device, dtype=like.dtype)
     if array.dtype == ml_dtypes.bfloat16:
         tensor = torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
     else:
@@ -45,10 +54,14 @@ class _RemoteLoss(torch.autograd.Function):
     """Forward: the remote total. Backward: the server's student gradients."""
 
     @staticmethod
-    def forward(ctx: Any, compute: Compute, n_layers: int, *features: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, compute: Compute, n_layers: int, on_device: bool, *features: torch.Tensor) -> torch.Tensor:
         teachers, students = features[:n_layers], features[n_layers:]
-        wants_gradients = any(ctx.needs_input_grad[2 + n_layers :])
-        result = compute([to_numpy(t) for t in teachers], [to_numpy(s) for s in students], wants_gradients)
+        wants_gradients = any(ctx.needs_input_grad[3 + n_layers :])
+
+        def prepared(tensor: torch.Tensor) -> Any:
+            return tensor.detach() if on_device and is_cuda_array(tensor) else to_numpy(tensor)
+
+        result = compute([prepared(t) for t in teachers], [prepared(s) for s in students], wants_gradients)
         ctx.n_layers = n_layers
         ctx.gradients = [
             from_numpy(layer.gradient, like=student) if layer.gradient is not None else None
@@ -61,21 +74,28 @@ class _RemoteLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         students = [None if g is None else g * grad_output.to(device=g.device, dtype=g.dtype) for g in ctx.gradients]
-        return (None, None, *([None] * ctx.n_layers), *students)
+        return (None, None, None, *([None] * ctx.n_layers), *students)
 
 
 def remote_distill_loss(
-    compute: Compute, teacher_feats: Sequence[torch.Tensor], student_feats: Sequence[torch.Tensor]
+    compute: Compute,
+    teacher_feats: Sequence[torch.Tensor],
+    student_feats: Sequence[torch.Tensor],
+    *,
+    on_device: bool = False,
 ) -> torch.Tensor:
     """The remote loss of one step as a scalar attached to the students' graph.
 
     ``compute(teachers, students, gradients)`` makes the remote call (see
-    :class:`RemoteDistillLoss` for the usual ones).
+    :class:`RemoteDistillLoss` for the usual ones). It gets NumPy copies of
+    the features, or with ``on_device`` the CUDA ones detached as they are
+    (for a client that sends them by CUDA IPC handle); the gradients it
+    returns may be NumPy arrays or tensors.
     """
     if len(teacher_feats) != len(student_feats):
         raise ValueError(f"{len(teacher_feats)} teacher features but {len(student_feats)} student features")
     loss: torch.Tensor = _RemoteLoss.apply(  # type: ignore[no-untyped-call]
-        compute, len(teacher_feats), *teacher_feats, *student_feats
+        compute, len(teacher_feats), on_device, *teacher_feats, *student_feats
     )
     return loss
 
@@ -97,7 +117,10 @@ class RemoteDistillLoss(torch.nn.Module):
             sends the features, and gets the gradients back, through shared
             memory with a server on this host. Features that are views of
             :meth:`DistillClient.shared_arrays` (``torch.from_numpy``) on the
-            CPU go with no copy.
+            CPU go with no copy. CUDA features go by CUDA IPC handle to a
+            server on their GPU with ``"auto"`` (``"cuda_ipc"``: always, or
+            an error), their gradients written into CUDA memory: nothing
+            leaves the GPU.
     """
 
     def __init__(
@@ -120,7 +143,7 @@ class RemoteDistillLoss(torch.nn.Module):
         self.last: TotalLoss | None = None
         """The last step's full result (per-layer losses)."""
 
-    def _compute(self, teachers: list[np.ndarray], students: list[np.ndarray], gradients: bool) -> TotalLoss:
+    def _compute(self, teachers: list[Any], students: list[Any], gradients: bool) -> TotalLoss:
         if not self._use_stream:
             result = self.client.compute_total_loss(
                 self.layers, teachers, students, names=self.names, gradients=gradients
@@ -134,7 +157,8 @@ class RemoteDistillLoss(torch.nn.Module):
         return result
 
     def forward(self, teacher_feats: Sequence[torch.Tensor], student_feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        return remote_distill_loss(self._compute, teacher_feats, student_feats)
+        on_device = self.client.transport in ("auto", "cuda_ipc")  # the client sends CUDA tensors by handle
+        return remote_distill_loss(self._compute, teacher_feats, student_feats, on_device=on_device)
 
     def close(self) -> None:
         """End the stream, and close the client if this module created it."""

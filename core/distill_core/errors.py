@@ -25,7 +25,8 @@ the same class with the same fields, in any client::
     │   └── LimitExceeded              LIMIT_EXCEEDED (limit, got)
     ├── FailedPrecondition             FAILED_PRECONDITION
     │   ├── RegionTruncated            REGION_TRUNCATED
-    │   └── SharedMemoryDisabled       SHARED_MEMORY_DISABLED
+    │   ├── SharedMemoryDisabled       SHARED_MEMORY_DISABLED
+    │   └── CudaIpcUnavailable         CUDA_IPC_UNAVAILABLE
     ├── OutOfRange                     OUT_OF_RANGE
     │   ├── LayerIndexOutOfRange       LAYER_INDEX_OUT_OF_RANGE (expected, got),
     │   │                              also a DimensionMismatch
@@ -53,6 +54,7 @@ from grpc_status import rpc_status
 __all__ = [
     "DOMAIN",
     "Cancelled",
+    "CudaIpcUnavailable",
     "DeadlineExceeded",
     "DimensionMismatch",
     "DistillError",
@@ -313,6 +315,15 @@ class SharedMemoryDisabled(FailedPrecondition):
     another shared-memory directory or user)."""
 
     reason = "SHARED_MEMORY_DISABLED"
+
+
+class CudaIpcUnavailable(FailedPrecondition):
+    """CUDA memory cannot go by IPC handle here: the server computes on the
+    CPU or has CUDA IPC off, the memory is on another GPU than the server's,
+    the driver refuses the handle, or (on the client) the tensors are not on
+    a GPU the server shares."""
+
+    reason = "CUDA_IPC_UNAVAILABLE"
 
 
 class OutOfRange(DistillError):

@@ -18,7 +18,7 @@ import numpy.typing as npt
 from distill.v1 import distill_pb2 as pb
 from distill_core.errors import InvalidArgument
 
-__all__ = ["DTYPES", "MAX_RANK", "TensorLike", "decode", "encode", "to_array", "to_wire"]
+__all__ = ["DTYPES", "MAX_RANK", "TensorLike", "decode", "dtype_and_shape", "encode", "to_array", "to_wire"]
 
 MAX_RANK = 32
 """Most dimensions a tensor may have (NumPy's own limit is 64)."""
@@ -86,14 +86,12 @@ class TensorLike(Protocol):
     def data(self) -> bytes | memoryview: ...
 
 
-def decode(tensor: TensorLike, field: str = "tensor") -> npt.NDArray[Any]:
-    """Decode a Tensor into a read-only array viewing its bytes (no copy).
-
-    ``tensor.data`` is read once (each read of a protobuf bytes field copies it).
+def dtype_and_shape(tensor: TensorLike, field: str = "tensor") -> tuple[np.dtype[Any], tuple[int, ...]]:
+    """A Tensor's NumPy dtype and shape, checked (whatever holds its elements).
 
     Raises:
-        InvalidArgument: unknown dtype, more than MAX_RANK dimensions, a negative dimension, or a data length
-            other than product(shape) x itemsize; the error names ``field``.
+        InvalidArgument: unknown dtype, more than MAX_RANK dimensions or a negative dimension; the error names
+            ``field``.
     """
     dtype = DTYPES.get(cast(pb.Dtype, tensor.dtype))
     if dtype is None:
@@ -114,6 +112,19 @@ def decode(tensor: TensorLike, field: str = "tensor") -> npt.NDArray[Any]:
                 f"{field}.shape[{axis}] is {size}; dimensions must be >= 0",
                 field=f"{field}.shape",
             )
+    return dtype, shape
+
+
+def decode(tensor: TensorLike, field: str = "tensor") -> npt.NDArray[Any]:
+    """Decode a Tensor into a read-only array viewing its bytes (no copy).
+
+    ``tensor.data`` is read once (each read of a protobuf bytes field copies it).
+
+    Raises:
+        InvalidArgument: unknown dtype, more than MAX_RANK dimensions, a negative dimension, or a data length
+            other than product(shape) x itemsize; the error names ``field``.
+    """
+    dtype, shape = dtype_and_shape(tensor, field)
     data = tensor.data
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:

@@ -51,12 +51,15 @@ Chunk = bytes | memoryview
 @dataclass(frozen=True)
 class TensorView:
     """A Tensor message whose ``data`` is a view on the request bytes (or, with
-    ``shared_memory`` set, on the bytes read from that range)."""
+    ``shared_memory`` set, on the bytes read from that range; with
+    ``cuda_ipc`` set, the elements are in CUDA memory and ``data`` is empty
+    unless the sender set both)."""
 
     dtype: int
     shape: Sequence[int]
     data: memoryview
     shared_memory: pb.SharedMemoryRef | None = None
+    cuda_ipc: pb.CudaIpcRef | None = None
 
 
 def _varint(value: int) -> bytes:
@@ -81,7 +84,7 @@ class Framed:
 
 
 def _tensor_body(value: Any) -> list[Chunk]:
-    if isinstance(value, pb.Tensor):  # already a message: a shared-memory reference
+    if isinstance(value, pb.Tensor):  # already a message: a shared-memory or CUDA IPC reference
         return [value.SerializeToString()]
     code, array = to_wire(value)
     header = pb.Tensor(dtype=code, shape=array.shape).SerializeToString()
@@ -93,7 +96,7 @@ def frame(message: Message, **fields: Any) -> Framed:
 
     Each keyword names a message-typed field of ``message``: a Tensor field
     takes arrays (or Tensor messages, which carry no bytes of their own: a
-    shared-memory reference), any other message field takes :class:`Framed`
+    shared-memory or CUDA IPC reference), any other message field takes :class:`Framed`
     messages; a repeated field takes a sequence of them, a singular field one.
     """
     chunks: list[Chunk] = [message.SerializeToString()]
@@ -172,7 +175,8 @@ def _tensor(buffer: memoryview, spans: list[tuple[int, int]]) -> TensorView:
     except DecodeError as exc:
         raise _malformed(str(exc)) from exc
     shared = message.shared_memory if message.HasField("shared_memory") else None
-    return TensorView(message.dtype, tuple(message.shape), data, shared)
+    cuda = message.cuda_ipc if message.HasField("cuda_ipc") else None
+    return TensorView(message.dtype, tuple(message.shape), data, shared, cuda)
 
 
 def split(
@@ -197,7 +201,7 @@ def split(
     }
     rest: list[Chunk] = []
     spans: dict[str, list[list[tuple[int, int]]]] = {field.name: [] for field in by_number.values()}
-    most = 4 * max_tensors + _SCALAR_FIELDS  # layers, teachers, students, gradient outputs, and the scalars
+    most = 5 * max_tensors + _SCALAR_FIELDS  # layers, teachers, students, both kinds of gradient outputs, the scalars
     for number, wire_type, field_start, value_start, value_stop in _fields(buffer, 0, len(buffer), most):
         field = by_number.get(number)
         if field is None or wire_type != _LEN:

@@ -79,6 +79,24 @@ class _Parser(argparse.ArgumentParser):
         shown = "off" if default is None else default
         self.add_argument(flag, type=type, default=default, help=f"{help} [env {env}; default {shown}]", **kwargs)
 
+    def switch(self, flag: str, default: bool, help: str) -> None:
+        """``--flag`` and ``--no-flag``; the environment variable takes 1, true,
+        yes, on or 0, false, no, off."""
+        env = _env_name(flag)
+        raw = os.environ.get(env)
+        if raw is not None and raw != "":
+            words = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
+            if raw.strip().lower() not in words:
+                self.error(f"${env}={raw!r}: expected 1, true, yes, on, 0, false, no or off")
+            default = words[raw.strip().lower()]
+        dest = flag.lstrip("-").replace("-", "_")
+        group = self.add_mutually_exclusive_group()
+        shown = "on" if default else "off"
+        group.add_argument(
+            flag, dest=dest, action="store_true", default=default, help=f"{help} [env {env}; default {shown}]"
+        )
+        group.add_argument("--no-" + flag.lstrip("-"), dest=dest, action="store_false", help=f"the opposite of {flag}")
+
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
     """The server configuration, and the CLI-only options (logging, processes)."""
@@ -175,6 +193,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
         "most shared-memory regions registered at once",
         type=_positive,
     )
+    parser.switch(
+        "--cuda-ipc",
+        defaults.cuda_ipc,
+        "take tensors and gradient outputs in CUDA memory of clients on the server's GPU (CUDA IPC); "
+        "applies where the device is CUDA",
+    )
     parser.flag("--metrics-port", None, "serve Prometheus metrics on this port (0 picks one)", type=int)
     parser.flag("--tls-cert", None, "PEM certificate chain: serve TLS", type=Path)
     parser.flag("--tls-key", None, "PEM private key of --tls-cert", type=Path)
@@ -221,6 +245,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
         tls_client_ca=args.tls_client_ca,
         auth_token=token,
         shared_memory_dir=args.shared_memory_dir,
+        cuda_ipc=args.cuda_ipc,
     )
     try:
         config.limits.check()

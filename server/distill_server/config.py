@@ -74,6 +74,9 @@ class ServerConfig:
     auth_token: str | None = field(default=None, repr=False)
     reuse_port: bool = False
     shared_memory_dir: Path | None = Path("/dev/shm")
+    cuda_ipc: bool = True
+    """Take tensors in CUDA memory of clients on the server's GPU (CUDA IPC);
+    it applies only where the device is CUDA."""
 
     @property
     def address(self) -> str:

@@ -19,9 +19,13 @@ it is a second pass over that group of rows, written block by block straight
 into the student's dtype. The memory of a call is therefore a few blocks of
 float64 scratch plus the gradient itself, whatever the row width.
 
+On a GPU the same sums are taken by fused CUDA kernels (one launch per pass
+over all rows, :mod:`distill_server.kernels`, behind :class:`_CudaPass`);
+from the sums on, the math is this module's, for both devices.
+
 Every block loop goes through :func:`_blocks`, which runs the check that
 :func:`interruptible` installs, so a server can stop abandoned work between
-blocks.
+blocks (on a GPU, between passes).
 
 The distiller functions at the end reproduce the reference
 ``FeatureDistiller``: its checks, their order and its error kinds.
@@ -300,6 +304,7 @@ class _Pass:
 
     def __init__(self, xp: Any, terms: _Terms, t: Any, s: Any, gradient: bool) -> None:
         self.xp, self.terms, self.t, self.s, self.gradient = xp, terms, t, s, gradient
+        self.row_module: Any = xp
         self.rows, self.width = int(t.shape[0]), int(t.shape[1])
         size = block_size(t)
         self.group, self.chunk = max(1, size // self.width), min(self.width, size)
@@ -420,6 +425,82 @@ class _Pass:
         return accurate
 
 
+class _CudaPass:
+    """:class:`_Pass`'s interface on a GPU: each pass over all rows is one
+    fused kernel (:mod:`distill_server.kernels`) instead of blocks of NumPy
+    operations; the engine turns the sums into values and factors alike, in
+    ``row_module`` (NumPy on the host for a few rows, else CuPy)."""
+
+    def __init__(self, xp: Any, terms: _Terms, t: Any, s: Any, gradient: bool) -> None:
+        from distill_server import kernels
+
+        self.kernels, self.xp, self.terms, self.t, self.s = kernels, xp, terms, t, s
+        self.rows, self.width = int(t.shape[0]), int(t.shape[1])
+        self.group = max(self.rows, 1)
+        self.program = kernels.Sums(bool(terms.mse), bool(terms.cosine), bool(terms.kl), gradient)
+        self.row_module: Any = np if self.rows <= _ROWS_ON_HOST else xp
+
+    def _rows(self, x: Any) -> Any:
+        """Per-row values where the per-row math runs."""
+        return x.get() if self.row_module is np else x
+
+    def row_max(self, x: Any, block: slice) -> Any:
+        """``max |x|`` of each row of ``x[block]``."""
+        _check()
+        return self._rows(self.xp.abs(x[block]).max(axis=1).astype(self.xp.float64))
+
+    def sums(self, block: slice, kt: Any = None, ks: Any = None) -> _Sums:
+        """Pass 1: the sums of the rows ``block`` (divided by ``kt, ks`` if given)."""
+        _check()
+        host = self.row_module is np
+        found = self.kernels.row_sums(self.program, self.t[block], self.s[block], self.terms.tau, kt, ks, host=host)
+        sums = _Sums()
+        if self.program.mse:
+            sums.sq = float(found["sq"].sum())
+        if self.program.cosine:
+            sums.cos = [found["tt"], found["ss"], found["ts"]]
+        if self.program.kl:
+            sums.kl = {name: found[name] for name in self.program.fields if name in _KL_SUMS}
+        return sums
+
+    def gradient_pass(self, block: slice, factors: _Factors, out: Any) -> float:
+        """Pass 2: write the rows ``block`` of the gradient into ``out``; returns its largest magnitude."""
+        _check()
+        return self.kernels.gradient(
+            self.program,
+            self.t[block],
+            self.s[block],
+            out,
+            self.terms.tau,
+            mse=factors.mse,
+            alpha=factors.alpha,
+            beta=factors.beta,
+            kt=factors.kt,
+            ks=factors.ks,
+            ma=factors.ma,
+            mb=factors.mb,
+            p_unit=factors.p_unit,
+            q_unit=factors.q_unit,
+            delta=factors.delta,
+            small=factors.small,
+        )
+
+
+_KL_SUMS = ("ma", "za", "w", "mb", "zb", "gap", "v")
+
+_ROWS_ON_HOST = 1 << 12
+"""Up to this many rows, a GPU pass brings its per-row sums to the host in one
+copy and the per-row math runs in NumPy: a few microseconds, where each CuPy
+operation on a handful of values costs a launch."""
+
+
+def _check() -> None:
+    """Run the check :func:`interruptible` installed, if any."""
+    check = _CHECK.get()
+    if check is not None:
+        check()
+
+
 def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None, out: Any = None) -> tuple[float, Any]:
     """:func:`evaluate`, raising :class:`_GradientOverflow` for a gradient beyond the student's dtype."""
     xp = array_module(teacher)
@@ -429,7 +510,8 @@ def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None,
     width = (int(teacher.shape[-1]) if teacher.ndim else 1) if per_row else n
     rows = n // width
     t, s = teacher.reshape(rows, width), student.reshape(rows, width)
-    passes = _Pass(xp, terms, t, s, scale is not None)
+    passes = (_Pass if xp is np else _CudaPass)(xp, terms, t, s, scale is not None)
+    rx = passes.row_module  # where the per-row sums are, and the per-row math runs
     if scale is None:
         out = None
     elif out is None:
@@ -445,17 +527,17 @@ def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None,
             sq += sums.sq
             if terms.cosine:
                 tt, ss, ts = sums.cos
-                if not (bool(xp.isfinite(tt * ss).all()) and bool(xp.isfinite(ts).all())):
+                if not (bool(rx.isfinite(tt * ss).all()) and bool(rx.isfinite(ts).all())):
                     # Huge float64 rows: cosine is scale-free, so scale each row to max 1.
                     kt, ks = passes.row_max(t, block), passes.row_max(s, block)
-                    if not (bool(xp.isfinite(kt).all()) and bool(xp.isfinite(ks).all())):
+                    if not (bool(rx.isfinite(kt).all()) and bool(rx.isfinite(ks).all())):
                         return math.nan, None  # non-finite inputs: reported by the caller
-                    factors.kt, factors.ks = xp.where(kt == 0, 1.0, kt), xp.where(ks == 0, 1.0, ks)
+                    factors.kt, factors.ks = rx.where(kt == 0, 1.0, kt), rx.where(ks == 0, 1.0, ks)
                     sums = passes.sums(block, factors.kt, factors.ks)
-                part, factors.alpha, factors.beta = sums.cosine_parts(xp, factors.kt, factors.ks, k / rows)
+                part, factors.alpha, factors.beta = sums.cosine_parts(rx, factors.kt, factors.ks, k / rows)
                 cosine += part
             if terms.kl:
-                part, factors.delta, factors.small = sums.kl_parts(xp)
+                part, factors.delta, factors.small = sums.kl_parts(rx)
                 factors.ma, factors.mb = sums.kl["ma"], sums.kl["mb"]
                 factors.p_unit, factors.q_unit = gamma / sums.kl["za"], gamma / sums.kl["zb"]
                 kl += part

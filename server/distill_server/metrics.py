@@ -15,6 +15,8 @@ Names follow Prometheus conventions (base units, ``_total`` counters):
   then its answer's until the client has taken it.
 - ``distill_shared_memory_regions`` and ``distill_shared_memory_bytes``: the
   shared-memory regions registered now, and their bytes.
+- ``distill_cuda_ipc_mappings``: allocations of clients' CUDA memory mapped
+  now (by calls in flight; 0 between calls).
 - ``distill_device_info{device, description}``: the compute device (always 1).
 
 The endpoint is bounded, whatever clients do (see ``_Endpoint``): one thread
@@ -107,6 +109,11 @@ class Metrics:
         )
         self.shared_memory_bytes = Gauge(
             "distill_shared_memory_bytes", "Bytes of the shared-memory regions registered.", registry=registry
+        )
+        self.cuda_ipc_mappings = Gauge(
+            "distill_cuda_ipc_mappings",
+            "Allocations of clients' CUDA memory mapped by calls in flight.",
+            registry=registry,
         )
         Info("distill_device", "The device computing losses.", registry=registry).info(
             {"device": device, "description": description}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import itertools
 import logging
 import os
 import secrets
@@ -26,6 +27,7 @@ from distill_server import backend as backends
 from distill_server import engine
 from distill_server.auth import BearerTokenInterceptor
 from distill_server.config import ServerConfig, format_address
+from distill_server.cuda_ipc import CudaIpc
 from distill_server.decoding import DecodingInterceptor
 from distill_server.metrics import Metrics
 from distill_server.servicer import DistillServicer, add_to_server, log_failure
@@ -54,12 +56,13 @@ class _Health(health.aio.HealthServicer):  # type: ignore[misc]
 
 
 def _warm_up(backend: backends.Backend) -> None:
-    """One small computation of every loss, so the first call pays no set-up."""
-    x = backend.to_device(np.linspace(-1.0, 1.0, 64, dtype=np.float32))
-    losses = (DistilLoss.mse(), DistilLoss.cosine(), DistilLoss.combined(0.5, 0.5, 2.0))
+    """One small float32 computation of every loss kind, with and without a
+    gradient, so the first call pays no set-up (on a GPU: no kernel compiled)."""
+    losses = (DistilLoss.mse(), DistilLoss.cosine(), DistilLoss.kl_divergence(2.0), DistilLoss.combined(0.5, 0.5, 2.0))
     with backend.activate():
-        for loss in losses:
-            engine.evaluate(loss, x, x[::-1].copy(), 1.0)
+        x = backend.to_device(np.linspace(-1.0, 1.0, 64, dtype=np.float32))
+        for loss, scale in itertools.product(losses, (None, 1.0)):
+            engine.evaluate(loss, x, x[::-1].copy(), scale)
 
 
 def _connection_age(seconds: float | None) -> list[tuple[str, int]]:
@@ -154,7 +157,8 @@ class DistillServer:
                 limits.max_shared_memory_regions,
                 self._sealed,
             )
-            self.servicer = DistillServicer(self.backend, self.executor, limits, self.metrics, regions)
+            cuda_ipc = CudaIpc(self.backend.ordinal, config.cuda_ipc, self.metrics.cuda_ipc_mappings.set)
+            self.servicer = DistillServicer(self.backend, self.executor, limits, self.metrics, regions, cuda_ipc)
             add_to_server(self.servicer, self.server)
             self.health = _Health()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

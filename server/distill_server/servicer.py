@@ -50,6 +50,7 @@ from distill_server import __version__, engine, validation
 from distill_server.admission import READ_COPIES, Budget, Reservation, Work
 from distill_server.backend import Backend
 from distill_server.config import Limits
+from distill_server.cuda_ipc import CudaIpc, Reference, Session, output_reference
 from distill_server.metrics import Metrics
 from distill_server.shared_memory import Regions
 from distill_server.status import bounded, to_rich_status, to_status
@@ -63,6 +64,9 @@ _DROPPED = "dropped by the server"
 
 _Message = TypeVar("_Message", bound=Message)
 Kind = Literal["unary", "stream", "lease"]
+Target = pb.SharedMemoryRef | pb.CudaIpcRef
+"""Where a layer's gradient goes instead of the response: shared memory or CUDA memory."""
+_WIRE_CODES = {dtype: code for code, dtype in tensors.DTYPES.items()}
 
 INLINE_BYTES = 64 * 1024
 """Requests up to this size are computed on the event loop: a hop to a pool
@@ -72,11 +76,13 @@ thread costs more (about 0.1 ms here) than their whole computation."""
 @dataclass(frozen=True)
 class Parsed(Generic[_Message]):
     """A loss request: the message without its tensors, the tensors as views,
-    and how many bytes the server holds for it."""
+    how many bytes the server holds for it, and how many its tensors in CUDA
+    memory hold (the client's GPU memory, not the server's)."""
 
     message: _Message
     views: dict[str, list[wire.TensorView]]
     nbytes: int
+    device_bytes: int = 0
 
 
 class DistillServicer:
@@ -89,10 +95,17 @@ class DistillServicer:
     """
 
     def __init__(
-        self, backend: Backend, executor: Executor, limits: Limits, metrics: Metrics, regions: Regions
+        self,
+        backend: Backend,
+        executor: Executor,
+        limits: Limits,
+        metrics: Metrics,
+        regions: Regions,
+        cuda_ipc: CudaIpc | None = None,
     ) -> None:
         self.backend = backend
         self.regions = regions
+        self.cuda_ipc = cuda_ipc if cuda_ipc is not None else CudaIpc(backend.ordinal, enabled=False)
         self._leases: dict[str, asyncio.Event] = {}
         self.executor = executor
         self.limits = limits
@@ -114,6 +127,7 @@ class DistillServicer:
             supported_loss_kinds=[kind.value for kind in LossKind],
             max_message_bytes=limits.max_message_bytes,
             shared_memory=regions.info(),
+            cuda_ipc=self.cuda_ipc.info(),
         ).SerializeToString()
 
     # ------------------------------------------------------------ the RPCs
@@ -183,7 +197,8 @@ class DistillServicer:
     def _parse(self, message_type: type[_Message], payload: bytes) -> Parsed[_Message]:
         """A loss request split (tensors as views on ``payload``), with the
         bytes it makes the server hold: its own and those it names in
-        shared memory, which the message limit bounds as it bounds inline ones.
+        shared memory, which the message limit bounds as it bounds inline ones
+        (tensors in CUDA memory are the client's: ``--max-elements`` bounds them).
 
         Raises:
             InvalidArgument, LimitExceeded: see :func:`distill_core.wire.split`.
@@ -197,7 +212,8 @@ class DistillServicer:
                 f"is over this server's limit of {self.limits.max_message_bytes} (--max-message-mb); send fewer "
                 "layers per call"
             )
-        return Parsed(message, views, len(payload) + shared)
+        device = sum(v.cuda_ipc.byte_size for vs in views.values() for v in vs if v.cuda_ipc is not None)
+        return Parsed(message, views, len(payload) + shared, device)
 
     @staticmethod
     def _small(message_type: type[_Message], payload: bytes) -> _Message:
@@ -211,25 +227,37 @@ class DistillServicer:
         request, views = parsed.message, parsed.views
         layers = validation.layers(request.layers, self.limits)
         index = validation.layer_index(request.layer_index)
-        teacher = validation.tensor(self._resolve(views["teacher"], "teacher", repeated=False), "teacher")
-        student = validation.tensor(self._resolve(views["student"], "student", repeated=False), "student")
-        outputs = self._outputs(
-            [request.gradient_output] if request.HasField("gradient_output") else [], 1, request.return_gradients
-        )
-        target = outputs[0] if outputs else None
-        (into,) = self._into([target], [student], ["gradient_output"])
-        self._count_elements("ComputeLayerLoss", [teacher, student])
-        result = engine.layer_loss(
-            layers, index, *self._on_device([teacher, student]), gradient=request.return_gradients, out=into
-        )
-        encoded = self._encode(result, student.dtype, target, "gradient_output", written=into is not None)
+        with self.cuda_ipc.session() as ipc:
+            teacher = validation.tensor(self._resolve(views["teacher"], "teacher", repeated=False), "teacher")
+            student = validation.tensor(self._resolve(views["student"], "student", repeated=False), "student")
+            targets = self._targets(
+                [request.gradient_output] if request.HasField("gradient_output") else [],
+                [request.gradient_cuda_output] if request.HasField("gradient_cuda_output") else [],
+                1,
+                request.return_gradients,
+                singular=True,
+            )
+            target, name = targets[0] if targets else (None, "")
+            into = self._into([target], [student], [name], first_layer=index)
+            self._count_elements("ComputeLayerLoss", [teacher, student])
+            (out,) = self._open_outputs(ipc, into)
+            result = engine.layer_loss(
+                layers, index, *self._on_device(ipc, [teacher, student]), gradient=request.return_gradients, out=out
+            )
+            ipc.finish()
+            encoded = self._encode(result, student.dtype, target, name, written=out is not None)
         return wire.build(pb.ComputeLayerLossResponse(), layer_loss=encoded)
 
     def _total_loss(self, parsed: Parsed[pb.ComputeTotalLossRequest]) -> bytes:
         request = parsed.message
         layers = validation.layers(request.layers, self.limits)
         total, results = self._total(
-            "ComputeTotalLoss", layers, parsed.views, request.return_gradients, request.gradient_outputs
+            "ComputeTotalLoss",
+            layers,
+            parsed.views,
+            request.return_gradients,
+            request.gradient_outputs,
+            request.gradient_cuda_outputs,
         )
         return wire.build(pb.ComputeTotalLossResponse(total_loss=total), layer_losses=results)
 
@@ -240,29 +268,34 @@ class DistillServicer:
         views: dict[str, list[wire.TensorView]],
         gradients: bool,
         outputs: Sequence[pb.SharedMemoryRef],
+        cuda_outputs: Sequence[pb.CudaIpcRef] = (),
     ) -> tuple[float, list[wire.Framed]]:
-        """Decode the tensors, compute every layer, encode the results."""
-        teachers = validation.tensor_list(self._resolve(views["teachers"], "teachers"), "teachers")
-        students = validation.tensor_list(self._resolve(views["students"], "students"), "students")
-        targets: list[pb.SharedMemoryRef | None] = [*self._outputs(outputs, len(layers), gradients)]
-        targets = targets or [None] * len(students)
-        names = [f"gradient_outputs[{i}]" for i in range(len(targets))]
-        into = self._into(targets, students, names)
-        self._count_elements(rpc, teachers + students)
-        total, results = engine.total_loss(
-            layers, self._on_device(teachers), self._on_device(students), gradient=gradients, out=into
-        )
-        return total, [
-            self._encode(r, s.dtype, target, name, written=array is not None)
-            for r, s, target, name, array in zip(results, students, targets, names, into, strict=True)
-        ]
+        """Decode the tensors, compute every layer, encode the results; CUDA
+        memory the request names is mapped for this alone."""
+        with self.cuda_ipc.session() as ipc:
+            teachers = validation.tensor_list(self._resolve(views["teachers"], "teachers"), "teachers")
+            students = validation.tensor_list(self._resolve(views["students"], "students"), "students")
+            named = self._targets(outputs, cuda_outputs, len(layers), gradients)
+            targets: list[Target | None] = [target for target, _ in named] or [None] * len(students)
+            names = [name for _, name in named] or [""] * len(students)
+            into = self._into(targets, students, names)
+            self._count_elements(rpc, [*teachers, *students])
+            out = self._open_outputs(ipc, into)
+            total, results = engine.total_loss(
+                layers, self._on_device(ipc, teachers), self._on_device(ipc, students), gradient=gradients, out=out
+            )
+            ipc.finish()
+            return total, [
+                self._encode(r, s.dtype, target, name, written=array is not None)
+                for r, s, target, name, array in zip(results, students, targets, names, out, strict=True)
+            ]
 
     def _resolve(self, views: list[wire.TensorView], field: str, repeated: bool = True) -> list[wire.TensorView]:
         """``views`` with the bytes of those in shared memory read from their regions."""
         return [self._read(view, f"{field}[{i}]" if repeated else field) for i, view in enumerate(views)]
 
     def _read(self, view: wire.TensorView, field: str) -> wire.TensorView:
-        if view.shared_memory is None:
+        if view.shared_memory is None or view.cuda_ipc is not None:  # CUDA memory: refused with both set
             return view
         if len(view.data):
             raise InvalidArgument(f"{field} sets both data and shared_memory; set one", field=field)
@@ -270,54 +303,86 @@ class DistillServicer:
         return wire.TensorView(view.dtype, view.shape, data)
 
     def _into(
-        self, targets: Sequence[pb.SharedMemoryRef | None], students: Sequence[np.ndarray], fields: Sequence[str]
+        self,
+        targets: Sequence[Target | None],
+        students: Sequence[validation.Input],
+        fields: Sequence[str],
+        first_layer: int = 0,
     ) -> list[Any]:
-        """Arrays in mapped shared memory that the engine writes gradients
-        straight into (a target in a sealed region, on the CPU); None where
-        the gradient is written to its target after (or has none)."""
-        return [
-            None
-            if target is None or self.backend.device != "cpu"
-            else self.regions.array(target, s.dtype, s.shape, field)
-            for target, s, field in zip(targets, students, fields, strict=False)
-        ]
+        """Where the engine writes each gradient: an array in mapped shared
+        memory (a target in a sealed region, on the CPU), a checked range of
+        CUDA memory (opened by :meth:`_open_outputs`), or None where the
+        gradient is written to its target after (or has none)."""
+        into: list[Any] = []
+        for layer, (target, s, field) in enumerate(zip(targets, students, fields, strict=False), first_layer):
+            if isinstance(target, pb.CudaIpcRef):
+                into.append(output_reference(target, s.dtype, s.shape, field, layer))
+            elif target is None or self.backend.device != "cpu":
+                into.append(None)
+            else:
+                into.append(self.regions.array(target, s.dtype, s.shape, field))
+        return into
 
     @staticmethod
-    def _outputs(outputs: Sequence[pb.SharedMemoryRef], layers: int, gradients: bool) -> list[pb.SharedMemoryRef]:
-        """The shared-memory ranges gradients go to: none, or one per layer."""
+    def _open_outputs(ipc: Session, into: list[Any]) -> list[Any]:
+        """``into`` with its ranges of CUDA memory mapped, as arrays."""
+        return [ipc.output(item) if isinstance(item, Reference) else item for item in into]
+
+    @staticmethod
+    def _targets(
+        shared: Sequence[pb.SharedMemoryRef],
+        cuda: Sequence[pb.CudaIpcRef],
+        layers: int,
+        gradients: bool,
+        singular: bool = False,
+    ) -> list[tuple[Target, str]]:
+        """Where gradients go instead of the response, with their fields:
+        none, or one range per layer, all in shared memory or all in CUDA memory."""
+        kind = "gradient_cuda_output" if cuda else "gradient_output"
+        field = kind if singular else f"{kind}s"
+        if shared and cuda:
+            raise InvalidArgument(
+                f"both {field} and {field.replace('cuda_', '')} are set; gradients go to one kind of memory",
+                field=field,
+            )
+        outputs: Sequence[Target] = cuda or shared
         if outputs and not gradients:
-            raise InvalidArgument("gradient outputs are set but no gradients are asked for", field="gradient_outputs")
+            raise InvalidArgument("gradient outputs are set but no gradients are asked for", field=field)
         if outputs and len(outputs) != layers:
             raise InvalidArgument(
-                f"{len(outputs)} gradient outputs for {layers} layers; send none or one per layer",
-                field="gradient_outputs",
+                f"{len(outputs)} gradient outputs for {layers} layers; send none or one per layer", field=field
             )
-        return list(outputs)
+        return [(output, field if singular else f"{field}[{i}]") for i, output in enumerate(outputs)]
 
     def _count_regions(self) -> None:
         self.metrics.shared_memory_regions.set(len(self.regions))
         self.metrics.shared_memory_bytes.set(self.regions.registered_bytes)
 
-    def _count_elements(self, rpc: str, arrays: Sequence[np.ndarray]) -> None:
+    def _count_elements(self, rpc: str, arrays: Sequence[validation.Counted]) -> None:
         self.metrics.elements.labels(rpc).inc(validation.elements(arrays, self.limits))
 
-    def _on_device(self, arrays: list[np.ndarray]) -> list[Any]:
-        return [self.backend.to_device(array) for array in arrays]
+    def _on_device(self, ipc: Session, inputs: list[validation.Input]) -> list[Any]:
+        """The inputs on the device: host arrays moved there, CUDA memory mapped where it is."""
+        return [ipc.tensor(x) if isinstance(x, Reference) else self.backend.to_device(x) for x in inputs]
 
     def _encode(
         self,
         result: engine.LayerResult,
         dtype: np.dtype[Any],
-        output: pb.SharedMemoryRef | None,
+        output: Target | None,
         field: str,
         written: bool = False,
     ) -> wire.Framed:
         """A layer's result, its gradient in the student's wire dtype framed
         without protobuf's copies, or in shared memory at ``output`` (where
-        the engine has ``written`` it already, or copied there now)."""
+        the engine has ``written`` it already, or copied there now), or in
+        CUDA memory at ``output`` (written there by the engine)."""
         message = result.loss.to_proto()
         if result.gradient is None:
             return wire.frame(message)
+        if isinstance(output, pb.CudaIpcRef):
+            echo = pb.Tensor(dtype=_WIRE_CODES[dtype], shape=result.gradient.shape, cuda_ipc=output)
+            return wire.frame(message, student_gradient=echo)
         code, gradient = tensors.to_wire(self.backend.to_host(result.gradient).astype(dtype, copy=False))
         if output is None:
             return wire.frame(message, student_gradient=gradient)
@@ -341,7 +406,9 @@ class DistillServicer:
             request = parsed.message
             if request.HasField("config"):
                 raise InvalidArgument("config may be set only in the first message of a stream", field="config")
-            total, results = self._total("StreamLosses", layers, parsed.views, gradients, request.gradient_outputs)
+            total, results = self._total(
+                "StreamLosses", layers, parsed.views, gradients, request.gradient_outputs, request.gradient_cuda_outputs
+            )
             return wire.build(pb.StreamLossesResponse(step_id=step_id, total_loss=total), layer_losses=results)
 
         try:
@@ -593,7 +660,7 @@ class _Call:
         where it stops at its next block once the call is abandoned."""
         servicer = self.servicer
         try:
-            if request.nbytes <= INLINE_BYTES:
+            if request.nbytes + request.device_bytes <= INLINE_BYTES:
                 return servicer.compute(method, request)
             self._work = work = Work()
             if self.dropped is not None:

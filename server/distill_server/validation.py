@@ -2,14 +2,15 @@
 
 Only what the wire can get wrong is checked here (dtypes, byte lengths,
 shapes, loss parameters, indices); the reference's own checks (counts,
-empty inputs, lengths, in its order) belong to the engine.
+empty inputs, lengths, in its order) belong to the engine. A tensor in CUDA
+memory is checked as far as that needs no GPU (:mod:`distill_server.cuda_ipc`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy.typing as npt
 
@@ -19,15 +20,26 @@ from distill_core.errors import InvalidArgument, LimitExceeded
 from distill_core.losses import DistilLoss
 from distill_core.wire import TensorView
 from distill_server.config import Limits
+from distill_server.cuda_ipc import Reference, tensor_reference
 from distill_server.engine import Layer
 
-__all__ = ["MAX_NAME_CHARS", "elements", "layer_index", "layers", "tensor", "tensor_list"]
+__all__ = ["MAX_NAME_CHARS", "Counted", "Input", "elements", "layer_index", "layers", "tensor", "tensor_list"]
 
 MAX_NAME_CHARS = 256
 """Longest layer name: names are echoed in every answer and error."""
 
+Input = npt.NDArray[Any] | Reference
+"""A decoded tensor: an array on the request's bytes, or a range of CUDA memory."""
 
-def elements(arrays: Sequence[npt.NDArray[Any]], limits: Limits) -> int:
+
+class Counted(Protocol):
+    """Anything with an element count: an array, a :class:`Reference`."""
+
+    @property
+    def size(self) -> int: ...
+
+
+def elements(arrays: Sequence[Counted], limits: Limits) -> int:
     """The request's element count, if within ``--max-elements``.
 
     Raises:
@@ -83,20 +95,26 @@ def layers(messages: Sequence[pb.Layer], limits: Limits) -> list[Layer]:
     return checked
 
 
-def tensor(views: Sequence[TensorView], field: str) -> npt.NDArray[Any]:
-    """A singular Tensor field, decoded (a view on the request bytes).
+def _decode(view: TensorView, field: str) -> Input:
+    return tensor_reference(view, field) if view.cuda_ipc is not None else tensors.decode(view, field)
+
+
+def tensor(views: Sequence[TensorView], field: str) -> Input:
+    """A singular Tensor field, decoded (a view on the request bytes, or a
+    checked reference to CUDA memory).
 
     Raises:
         InvalidArgument: the field is not set, or the tensor is malformed.
     """
     if not views:
         raise InvalidArgument(f"{field} is not set", field=field)
-    return tensors.decode(views[0], field)
+    return _decode(views[0], field)
 
 
-def tensor_list(views: Sequence[TensorView], field: str) -> list[npt.NDArray[Any]]:
-    """A repeated Tensor field, decoded (views on the request bytes)."""
-    return [tensors.decode(view, f"{field}[{i}]") for i, view in enumerate(views)]
+def tensor_list(views: Sequence[TensorView], field: str) -> list[Input]:
+    """A repeated Tensor field, decoded (views on the request bytes, or
+    checked references to CUDA memory)."""
+    return [_decode(view, f"{field}[{i}]") for i, view in enumerate(views)]
 
 
 def layer_index(index: int) -> int:

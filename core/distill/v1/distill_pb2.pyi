@@ -44,16 +44,18 @@ REDUCTION_FLATTEN: Reduction
 REDUCTION_PER_ROW: Reduction
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "shared_memory")
+    __slots__ = ("dtype", "shape", "data", "shared_memory", "cuda_ipc")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
     dtype: Dtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     shared_memory: SharedMemoryRef
-    def __init__(self, dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+    cuda_ipc: CudaIpcRef
+    def __init__(self, dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcRef, _Mapping]] = ...) -> None: ...
 
 class SharedMemoryRef(_message.Message):
     __slots__ = ("region", "offset", "byte_size")
@@ -64,6 +66,18 @@ class SharedMemoryRef(_message.Message):
     offset: int
     byte_size: int
     def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
+class CudaIpcRef(_message.Message):
+    __slots__ = ("handle", "offset", "byte_size", "device_uuid")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    handle: bytes
+    offset: int
+    byte_size: int
+    device_uuid: str
+    def __init__(self, handle: _Optional[bytes] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ..., device_uuid: _Optional[str] = ...) -> None: ...
 
 class Loss(_message.Message):
     __slots__ = ("mse", "cosine", "kl_divergence", "combined_kl_mse", "reduction")
@@ -124,20 +138,22 @@ class LayerLoss(_message.Message):
     def __init__(self, layer_index: _Optional[int] = ..., name: _Optional[str] = ..., loss: _Optional[float] = ..., weighted_loss: _Optional[float] = ..., student_gradient: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ComputeLayerLossRequest(_message.Message):
-    __slots__ = ("layers", "layer_index", "teacher", "student", "return_gradients", "gradient_output")
+    __slots__ = ("layers", "layer_index", "teacher", "student", "return_gradients", "gradient_output", "gradient_cuda_output")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
     TEACHER_FIELD_NUMBER: _ClassVar[int]
     STUDENT_FIELD_NUMBER: _ClassVar[int]
     RETURN_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_CUDA_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[Layer]
     layer_index: int
     teacher: Tensor
     student: Tensor
     return_gradients: bool
     gradient_output: SharedMemoryRef
-    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., layer_index: _Optional[int] = ..., teacher: _Optional[_Union[Tensor, _Mapping]] = ..., student: _Optional[_Union[Tensor, _Mapping]] = ..., return_gradients: _Optional[bool] = ..., gradient_output: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+    gradient_cuda_output: CudaIpcRef
+    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., layer_index: _Optional[int] = ..., teacher: _Optional[_Union[Tensor, _Mapping]] = ..., student: _Optional[_Union[Tensor, _Mapping]] = ..., return_gradients: _Optional[bool] = ..., gradient_output: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., gradient_cuda_output: _Optional[_Union[CudaIpcRef, _Mapping]] = ...) -> None: ...
 
 class ComputeLayerLossResponse(_message.Message):
     __slots__ = ("layer_loss",)
@@ -146,18 +162,20 @@ class ComputeLayerLossResponse(_message.Message):
     def __init__(self, layer_loss: _Optional[_Union[LayerLoss, _Mapping]] = ...) -> None: ...
 
 class ComputeTotalLossRequest(_message.Message):
-    __slots__ = ("layers", "teachers", "students", "return_gradients", "gradient_outputs")
+    __slots__ = ("layers", "teachers", "students", "return_gradients", "gradient_outputs", "gradient_cuda_outputs")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     TEACHERS_FIELD_NUMBER: _ClassVar[int]
     STUDENTS_FIELD_NUMBER: _ClassVar[int]
     RETURN_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_CUDA_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[Layer]
     teachers: _containers.RepeatedCompositeFieldContainer[Tensor]
     students: _containers.RepeatedCompositeFieldContainer[Tensor]
     return_gradients: bool
     gradient_outputs: _containers.RepeatedCompositeFieldContainer[SharedMemoryRef]
-    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., teachers: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., students: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., return_gradients: _Optional[bool] = ..., gradient_outputs: _Optional[_Iterable[_Union[SharedMemoryRef, _Mapping]]] = ...) -> None: ...
+    gradient_cuda_outputs: _containers.RepeatedCompositeFieldContainer[CudaIpcRef]
+    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., teachers: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., students: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., return_gradients: _Optional[bool] = ..., gradient_outputs: _Optional[_Iterable[_Union[SharedMemoryRef, _Mapping]]] = ..., gradient_cuda_outputs: _Optional[_Iterable[_Union[CudaIpcRef, _Mapping]]] = ...) -> None: ...
 
 class ComputeTotalLossResponse(_message.Message):
     __slots__ = ("total_loss", "layer_losses")
@@ -176,18 +194,20 @@ class StreamConfig(_message.Message):
     def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., return_gradients: _Optional[bool] = ...) -> None: ...
 
 class StreamLossesRequest(_message.Message):
-    __slots__ = ("config", "step_id", "teachers", "students", "gradient_outputs")
+    __slots__ = ("config", "step_id", "teachers", "students", "gradient_outputs", "gradient_cuda_outputs")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     TEACHERS_FIELD_NUMBER: _ClassVar[int]
     STUDENTS_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_CUDA_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     config: StreamConfig
     step_id: int
     teachers: _containers.RepeatedCompositeFieldContainer[Tensor]
     students: _containers.RepeatedCompositeFieldContainer[Tensor]
     gradient_outputs: _containers.RepeatedCompositeFieldContainer[SharedMemoryRef]
-    def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., step_id: _Optional[int] = ..., teachers: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., students: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., gradient_outputs: _Optional[_Iterable[_Union[SharedMemoryRef, _Mapping]]] = ...) -> None: ...
+    gradient_cuda_outputs: _containers.RepeatedCompositeFieldContainer[CudaIpcRef]
+    def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., step_id: _Optional[int] = ..., teachers: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., students: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., gradient_outputs: _Optional[_Iterable[_Union[SharedMemoryRef, _Mapping]]] = ..., gradient_cuda_outputs: _Optional[_Iterable[_Union[CudaIpcRef, _Mapping]]] = ...) -> None: ...
 
 class StreamLossesResponse(_message.Message):
     __slots__ = ("step_id", "total_loss", "layer_losses", "error")
@@ -206,7 +226,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "device", "device_description", "supported_dtypes", "supported_loss_kinds", "max_message_bytes", "shared_memory")
+    __slots__ = ("version", "device", "device_description", "supported_dtypes", "supported_loss_kinds", "max_message_bytes", "shared_memory", "cuda_ipc")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +234,7 @@ class GetServerInfoResponse(_message.Message):
     SUPPORTED_LOSS_KINDS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
     version: str
     device: str
     device_description: str
@@ -221,7 +242,8 @@ class GetServerInfoResponse(_message.Message):
     supported_loss_kinds: _containers.RepeatedScalarFieldContainer[LossKind]
     max_message_bytes: int
     shared_memory: SharedMemoryInfo
-    def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., device_description: _Optional[str] = ..., supported_dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., supported_loss_kinds: _Optional[_Iterable[_Union[LossKind, str]]] = ..., max_message_bytes: _Optional[int] = ..., shared_memory: _Optional[_Union[SharedMemoryInfo, _Mapping]] = ...) -> None: ...
+    cuda_ipc: CudaIpcInfo
+    def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., device_description: _Optional[str] = ..., supported_dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., supported_loss_kinds: _Optional[_Iterable[_Union[LossKind, str]]] = ..., max_message_bytes: _Optional[int] = ..., shared_memory: _Optional[_Union[SharedMemoryInfo, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcInfo, _Mapping]] = ...) -> None: ...
 
 class SharedMemoryInfo(_message.Message):
     __slots__ = ("enabled", "directory", "key_prefix", "max_bytes", "max_regions", "socket")
@@ -238,6 +260,14 @@ class SharedMemoryInfo(_message.Message):
     max_regions: int
     socket: str
     def __init__(self, enabled: _Optional[bool] = ..., directory: _Optional[str] = ..., key_prefix: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_regions: _Optional[int] = ..., socket: _Optional[str] = ...) -> None: ...
+
+class CudaIpcInfo(_message.Message):
+    __slots__ = ("enabled", "device_uuid")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    device_uuid: str
+    def __init__(self, enabled: _Optional[bool] = ..., device_uuid: _Optional[str] = ...) -> None: ...
 
 class SystemSharedMemory(_message.Message):
     __slots__ = ("key", "byte_size")

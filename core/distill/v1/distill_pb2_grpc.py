@@ -110,6 +110,9 @@ class DistillServiceServicer:
         replica: every loss is a pure function of its request.
         - UNAUTHENTICATED: the server requires a bearer token
         (`authorization: Bearer <token>` metadata) and the call lacks it.
+        - FAILED_PRECONDITION, CUDA_IPC_UNAVAILABLE; OUT_OF_RANGE;
+        INVALID_ARGUMENT: a tensor or gradient output in CUDA memory that the
+        server cannot use (see Tensor.cuda_ipc).
         Every error metadata also names the `layer` and request `field` it
         concerns where there is one. Messages are at most 1 KiB. Only the codes
         said above to be retryable may succeed on retry.
