@@ -6,26 +6,29 @@
 # those wheels installed, run as a non-root user.
 
 # cupy-cuda12x loads the CUDA 12 libraries of the base image (its wheels are
-# built for CUDA 12.x), so the two are chosen together. The engine's kernels
-# are compiled at run time by the base image's NVRTC; the one toolkit header
-# they include, cuda_fp16.h, ships inside the cupy-cuda12x 13.6 wheel (a
-# runtime image has no toolkit headers). This is the only place
-# the pin is written; both stages install under the same constraint. Override
-# them together, e.g.
+# built for CUDA 12.x), so the two are chosen together. CuPy compiles kernels
+# (the engine's among them) at run time with the base image's NVRTC, and
+# those that use float16 include the toolkit's cuda_fp16.h, which a runtime
+# image lacks and CuPy no longer ships for CUDA 12.2 and later: the headers
+# come from the nvidia-cuda-runtime-cu12 wheel of the base image's CUDA
+# version. This is the only place the pins are written; both stages install
+# under the same constraints. Override them together, e.g.
 #   docker build --build-arg CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 \
-#                --build-arg CUPY_VERSION=13.6.0 .
+#                --build-arg CUDA_HEADERS_VERSION=12.8.90 --build-arg CUPY_VERSION=13.6.0 .
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
+ARG CUDA_HEADERS_VERSION=12.6.77
 ARG CUPY_VERSION=13.6.0
 
 FROM python:3.12-slim AS build
 ARG CUPY_VERSION
+ARG CUDA_HEADERS_VERSION
 WORKDIR /src
-RUN echo "cupy-cuda12x==${CUPY_VERSION}" > /constraints.txt
+RUN printf "cupy-cuda12x==%s\nnvidia-cuda-runtime-cu12==%s\n" "${CUPY_VERSION}" "${CUDA_HEADERS_VERSION}" > /constraints.txt
 COPY pyproject.toml README.md ./
 COPY core ./core
 COPY client ./client
 COPY server ./server
-RUN pip wheel --no-cache-dir --constraint /constraints.txt --wheel-dir /wheels ".[gpu]"
+RUN pip wheel --no-cache-dir --constraint /constraints.txt --wheel-dir /wheels ".[gpu]" nvidia-cuda-runtime-cu12
 
 FROM ${CUDA_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -42,7 +45,8 @@ RUN apt-get update \
     && python3.12 -m venv /opt/venv
 COPY --from=build /wheels /wheels
 COPY --from=build /constraints.txt /constraints.txt
-RUN pip install --no-cache-dir --no-index --find-links /wheels --constraint /constraints.txt "distill-service[gpu]" \
+RUN pip install --no-cache-dir --no-index --find-links /wheels --constraint /constraints.txt \
+        "distill-service[gpu]" nvidia-cuda-runtime-cu12 \
     && rm -rf /wheels \
     && groupadd --system --gid 10001 distill \
     && useradd --system --uid 10001 --gid 10001 --no-create-home distill

@@ -725,26 +725,33 @@ def test_dockerfile_starts_the_server_and_checks_it_with_the_probe() -> None:
     assert Instruction("CMD", words[1]).exec_form() == ["distill-probe"]
 
 
-def test_dockerfile_installs_the_gpu_extra_with_a_pinned_cupy() -> None:
+def test_dockerfile_installs_the_gpu_extra_with_cupy_and_cuda_headers_pinned() -> None:
     global_args, stages = dockerfile()
     build, final = stages[0], stages[-1]
     copied = {word for c in build.all("COPY") for word in c.args.split()[:-1]}
     assert {"pyproject.toml", "README.md", "core", "client", "server"} <= {w.rstrip("/") for w in copied}
     assert all((ROOT / w).exists() for w in copied)
-    # The constraint file is written once, from the ARG, in the build stage.
-    [echo] = [c for c in build.runs() if c[0] == "echo"]
-    assert echo[2] == ">"
-    constraints = echo[3]
-    assert re.fullmatch(r"cupy-cuda12x==\d+\.\d+\.\d+", echo[1]), echo
-    assert echo[1] == f"cupy-cuda12x=={global_args['CUPY_VERSION']}"
+    # The constraint file is written once, from the ARGs, in the build stage:
+    # CuPy, and the CUDA headers of the base image's CUDA version.
+    [printf] = [c for c in build.runs() if c[0] == "printf"]
+    assert printf[-2] == ">"
+    constraints = printf[-1]
+    pins = (printf[1].replace("\\n", "\n") % tuple(printf[2:-2])).split()
+    assert pins == [
+        f"cupy-cuda12x=={global_args['CUPY_VERSION']}",
+        f"nvidia-cuda-runtime-cu12=={global_args['CUDA_HEADERS_VERSION']}",
+    ]
+    cuda = re.fullmatch(r"nvidia/cuda:(\d+\.\d+)\.\d+-runtime-.*", global_args["CUDA_IMAGE"])
+    assert cuda and global_args["CUDA_HEADERS_VERSION"].startswith(cuda[1] + "."), global_args
+    assert re.fullmatch(r"\d+\.\d+\.\d+", global_args["CUPY_VERSION"])
 
     def pip(stage: Stage, verb: str) -> list[str]:
         [command] = [c for c in stage.runs() if c[:2] == ["pip", verb]]
         assert command[command.index("--constraint") + 1] == constraints
         return command
 
-    assert ".[gpu]" in pip(build, "wheel")
-    assert "distill-service[gpu]" in pip(final, "install")
+    assert {".[gpu]", "nvidia-cuda-runtime-cu12"} <= set(pip(build, "wheel"))
+    assert {"distill-service[gpu]", "nvidia-cuda-runtime-cu12"} <= set(pip(final, "install"))
     assert f"--from=build {constraints} {constraints}" in [c.args for c in final.all("COPY")]
 
 
