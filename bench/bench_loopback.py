@@ -9,8 +9,8 @@ this machine. The shared-memory table times the same calls through
 and through arrays of ``DistillClient.shared_arrays`` (no copy), against a
 raw TCP socket carrying the same bytes to a NumPy MSE (bench/raw_server.py,
 the floor) and the bare gRPC call above, with a memcpy of the same bytes and
-the engine's own time alongside. Part 2 times the engine's losses against
-NumPy's textbook float32 expressions in-process.
+the engine's own time alongside. The engine alone, against this machine's
+memory: bench/bench_engine.py.
 
     python bench/bench_loopback.py [--repeats N] [--sizes 1K,1M,16M,64M] [--shm-sizes 1M,16M,64M]
 
@@ -38,7 +38,7 @@ from raw_server import GRADIENT, HEADER, receive_into
 
 from distill.v1 import distill_pb2 as pb
 from distill.v1 import distill_pb2_grpc as pb_grpc
-from distill_client import DistillClient, DistilLoss, Reduction
+from distill_client import DistillClient, DistilLoss
 from distill_server import engine
 
 LIMIT = 512 * 1024 * 1024
@@ -303,54 +303,6 @@ def transport(sizes: list[str], shm_sizes: list[str], repeats: int) -> tuple[lis
     return rows, shared_rows
 
 
-def compute(repeats: int) -> list[str]:
-    n = 16 << 20
-    rng = np.random.default_rng(1)
-    t = rng.normal(size=n).astype(np.float32)
-    s = rng.normal(size=n).astype(np.float32)
-
-    def numpy_kl() -> float:
-        a, b = t / 2.0, s / 2.0
-        log_p = a - a.max() - np.log(np.exp(a - a.max()).sum())
-        log_q = b - b.max() - np.log(np.exp(b - b.max()).sum())
-        return float(4.0 * (np.exp(log_p) * (log_p - log_q)).sum())
-
-    per_row = DistilLoss.kl_divergence(2.0, reduction=Reduction.PER_ROW)
-
-    def numpy_row_kl(t2: np.ndarray, s2: np.ndarray) -> float:
-        a, b = t2 / 2.0, s2 / 2.0
-        log_p = a - a.max(1, keepdims=True)
-        log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
-        log_q = b - b.max(1, keepdims=True)
-        log_q -= np.log(np.exp(log_q).sum(1, keepdims=True))
-        return float(4.0 * (np.exp(log_p) * (log_p - log_q)).sum(1).mean())
-
-    cases = [
-        ("MSE", lambda: engine.loss_value(DistilLoss.mse(), t, s), lambda: float(np.mean((t - s) ** 2))),
-        (
-            "cosine",
-            lambda: engine.loss_value(DistilLoss.cosine(), t, s),
-            lambda: float(1 - np.dot(t, s) / (np.linalg.norm(t) * np.linalg.norm(s))),
-        ),
-        ("KL (tau 2)", lambda: engine.loss_value(DistilLoss.kl_divergence(2.0), t, s), numpy_kl),
-        (
-            "KL (tau 2) per row, 512 x 32768",
-            lambda: engine.loss_value(per_row, t.reshape(512, -1), s.reshape(512, -1)),
-            lambda: numpy_row_kl(t.reshape(512, -1), s.reshape(512, -1)),
-        ),
-    ]
-    gb = 2 * t.nbytes / 1e9
-    rows = [
-        "| loss (2 x 64 MiB float32) | engine (float64 accumulation) | NumPy textbook float32 | engine / NumPy time |",
-        "|---|---|---|---|",
-    ]
-    for name, ours, theirs in cases:
-        a, b = median_seconds(ours, repeats), median_seconds(theirs, repeats)
-        rows.append(f"| {name} | {fmt(a)} ({gb / a:.1f} GB/s) | {fmt(b)} ({gb / b:.1f} GB/s) | {a / b:.2f}x |")
-        print(rows[-1], file=sys.stderr)
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=50)
@@ -358,7 +310,6 @@ def main() -> None:
     parser.add_argument(
         "--shm-sizes", default=None, help="sizes of the shared-memory table (default: --sizes from 1M; none: '')"
     )
-    parser.add_argument("--skip-compute", action="store_true")
     args = parser.parse_args()
     sizes = args.sizes.split(",")
     if args.shm_sizes is None:
@@ -374,9 +325,6 @@ def main() -> None:
     if shm_sizes:
         print()
         print("\n".join(shared_rows))
-    if not args.skip_compute:
-        print()
-        print("\n".join(compute(max(5, args.repeats // 10))))
 
 
 if __name__ == "__main__":

@@ -253,13 +253,13 @@ def test_huge_temperature_without_kl_is_finite() -> None:
 def test_wide_rows_take_a_few_blocks_of_memory(loss: DistilLoss) -> None:
     # Two rows of 4M float16 (16 MB each input): rows far wider than a block.
     # Bound: the float16 gradient itself (student.nbytes) plus a few float64
-    # blocks (five scratch buffers of CPU_BLOCK float64 = 1.25 MiB, and small
-    # per-row vectors): student.nbytes + 4 MiB, under 0.6x the 32 MB of inputs.
+    # blocks (five scratch buffers of CPU_BLOCK float64 = 10 MiB, and small
+    # per-row vectors): student.nbytes + 11 MiB, under the 32 MB of inputs.
     # Whole rows in float64 and full-size temporaries took 13x the inputs.
     rng = np.random.default_rng(16)
     t = rng.normal(size=(2, 4_000_000)).astype(np.float16)
     s = (t + rng.normal(size=t.shape).astype(np.float16)).astype(np.float16)
-    few_blocks = 4 << 20
+    few_blocks = 5 * 8 * backend.CPU_BLOCK + (1 << 20)
     tracemalloc.start()
     try:
         engine.evaluate(loss, t, s)
@@ -271,7 +271,7 @@ def test_wide_rows_take_a_few_blocks_of_memory(loss: DistilLoss) -> None:
         tracemalloc.stop()
     assert math.isfinite(value) and grad.dtype == np.float16
     assert peak < s.nbytes + few_blocks, peak
-    assert peak < 0.6 * (t.nbytes + s.nbytes)
+    assert peak < t.nbytes + s.nbytes
     assert value_peak < few_blocks, value_peak
 
 
@@ -314,7 +314,7 @@ BLOCK = backend.CPU_BLOCK
         (DistilLoss.kl_divergence(2.0), (4, 3 * BLOCK), 12),
         (DistilLoss.cosine(reduction=ROW), (2, 3 * BLOCK + 1), 8),  # column chunks
         (DistilLoss.kl_divergence(2.0, reduction=ROW), (2, 3 * BLOCK + 1), 8),
-        (DistilLoss.combined(0.5, 0.5, 2.0, reduction=ROW), (1000, 100), 4),  # groups of whole rows
+        (DistilLoss.combined(0.5, 0.5, 2.0, reduction=ROW), (4 * BLOCK // 100, 100), 4),  # groups of whole rows
     ],
     ids=["flat-mse", "flat-kl", "row-cosine-chunks", "row-kl-chunks", "row-combined-groups"],
 )

@@ -212,3 +212,21 @@ def test_shapes_are_flattened(xp: ModuleType) -> None:
 
 def test_zero_layers_give_zero() -> None:
     assert engine.total_loss([], [], []) == (0.0, [])
+
+
+@pytest.mark.parametrize("weight", [1e-4, 1e-2, 1.0, 1e2, 1e4])
+@pytest.mark.parametrize("loss", [DistilLoss.mse(), DistilLoss.kl_divergence(2.0)], ids=repr)
+def test_float16_gradients_are_numpys_rounding_of_float64(loss: DistilLoss, weight: float) -> None:
+    """A float16 student's gradient is the float64 gradient rounded by NumPy's
+    cast, bit for bit: its subnormals (most of a mean's gradient, at small
+    weights) are rounded by the engine itself, the rest by NumPy."""
+    rng = np.random.default_rng(int(weight * 1e4) % 1000)
+    t = rng.normal(size=(3, 5000)).astype(np.float16)
+    s = (t + rng.normal(size=t.shape)).astype(np.float16)
+    _, narrow = engine.evaluate(loss, t, s, weight)
+    _, wide = engine.evaluate(loss, t.astype(np.float64), s.astype(np.float64), weight)
+    assert narrow.dtype == np.float16
+    with np.errstate(all="ignore"):
+        expected = wide.astype(np.float16)
+    assert np.any(np.abs(expected) < 2.0**-14) or weight >= 1e2  # the subnormal path is exercised
+    np.testing.assert_array_equal(narrow.view(np.uint16), expected.view(np.uint16))

@@ -11,7 +11,7 @@ import pytest
 
 from distill_client import DistilLoss, ShapeMismatch
 from distill_core.losses import Reduction
-from distill_server import engine
+from distill_server import backend, engine
 from distill_server.engine import Layer
 from tests.reference import reference
 from tests.torch_reference import torch_loss
@@ -71,7 +71,7 @@ def test_gradient_matches_finite_differences_and_autograd(xp: ModuleType, loss: 
 
 @pytest.mark.parametrize("loss", FLAT, ids=repr)
 def test_gradients_across_blocks(loss: DistilLoss) -> None:
-    t, s = pair((3 * 32768 + 11,), seed=9)
+    t, s = pair((3 * backend.CPU_BLOCK + 11,), seed=9)
     _, grad = engine.evaluate(loss, t.astype(np.float32), s.astype(np.float32), 2.0)
     assert grad.dtype == np.float32
     expected = autograd(loss, t.astype(np.float32).astype(np.float64), s.astype(np.float32).astype(np.float64), 2.0)
