@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import threading
 from collections.abc import Callable
 
@@ -12,6 +13,7 @@ import pytest
 
 from distill.v1 import distill_pb2 as pb
 from distill_client import (
+    DeadlineExceeded,
     DimensionMismatch,
     DistillClient,
     DistilLoss,
@@ -25,7 +27,7 @@ from distill_core import wire
 from distill_core.errors import Cancelled, DistillError, from_rpc_error
 from distill_server.config import ServerConfig
 from tests.reference import reference
-from tests.servers import InProcessServer, eventually
+from tests.servers import InProcessServer, ServerProcess, eventually
 
 LAYERS = [(0.5, DistilLoss.mse()), (2.0, DistilLoss.kl_divergence(2.0, reduction=Reduction.PER_ROW))]
 
@@ -178,3 +180,27 @@ def test_the_distiller_opens_a_session_with_its_layers(client: DistillClient) ->
         result = session.step(teachers, students)
     assert result.total == pytest.approx(distiller.compute_total_loss(teachers, students), rel=1e-15)
     assert all(layer.gradient is not None for layer in result.layers)
+
+
+@pytest.mark.parametrize("bound", ["step_timeout", "client timeout"])
+def test_a_step_without_an_answer_ends_the_stream_at_its_step_timeout(
+    start_server: type[ServerProcess], bound: str
+) -> None:
+    """A paused server answers nothing: the step raises DeadlineExceeded
+    after its bound instead of waiting as long as the stream lasts."""
+    proc = start_server(["--device", "cpu"])
+    t = np.ones((2, 8), np.float32)
+    timeout, step_timeout = (60.0, 1.0) if bound == "step_timeout" else (1.0, None)
+    with DistillClient(proc.target, timeout=timeout) as client:
+        session = client.stream(LAYERS, step_timeout=step_timeout)
+        assert session.step([t, t], [t, t]).total == 0.0
+        proc.process.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(DeadlineExceeded, match=r"step 1 got no answer within 1 s \(step_timeout\)"):
+                session.step([t, t], [t, t])
+            assert session.closed
+        finally:
+            proc.process.send_signal(signal.SIGCONT)
+        # The server, resumed, serves the client's next stream.
+        with client.stream(LAYERS) as again:
+            assert again.step([t, t], [t * 2, t * 2]).total > 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -372,15 +373,21 @@ class DistillClient(Closing):
         gradients: bool = False,
         names: Sequence[str] | None = None,
         timeout: float | None = None,
+        step_timeout: float | None = None,
     ) -> StreamSession:
         """Open a ``StreamLosses`` stream for a training loop.
 
         The layers are sent once; then each :meth:`StreamSession.step`
         sends one step's tensors. ``timeout`` bounds the whole stream (none by
-        default, unlike the other calls).
+        default, unlike the other calls); ``step_timeout`` bounds each step
+        (None: the client's ``timeout``, as for any call; ``math.inf``: no
+        bound): a step with no answer in time ends the stream with
+        ``DeadlineExceeded``.
         """
         config = pb.StreamConfig(layers=_layers(layers, names), return_gradients=gradients)
-        return StreamSession(self._stream_losses, config, timeout, self._metadata, self._cuda_ipc)
+        per_step = self.timeout if step_timeout is None else step_timeout
+        per_step = None if per_step is not None and math.isinf(per_step) else per_step
+        return StreamSession(self._stream_losses, config, timeout, self._metadata, self._cuda_ipc, per_step)
 
     def shared_arrays(
         self, shapes: Sequence[int | Sequence[int]], dtype: npt.DTypeLike = np.float32

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from distill_client._closing import Closing
 from distill_client.cuda_ipc import CudaIpc
 from distill_client.shared_memory import Batch, SharedMemory
 from distill_core import wire
-from distill_core.errors import Unavailable, from_rich_status, from_rpc_error
+from distill_core.errors import DeadlineExceeded, Unavailable, from_rich_status, from_rpc_error
 from distill_core.losses import LayerLoss
 
 __all__ = ["StepResult", "StreamSession"]
@@ -42,6 +43,10 @@ class StreamSession(Closing):
     session per training loop. Each step's tensors travel as the client's
     ``transport`` says (a pooled shared-memory region per step, CUDA IPC
     handles, or bytes).
+
+    ``step_timeout`` bounds each step: a step with no answer within it ends
+    the stream with :class:`~distill_core.errors.DeadlineExceeded` (the
+    server paused or unreachable); None waits as long as the stream lasts.
     """
 
     def __init__(
@@ -51,6 +56,7 @@ class StreamSession(Closing):
         timeout: float | None,
         metadata: Sequence[tuple[str, str]] | None = None,
         shared_memory: SharedMemory | CudaIpc | None = None,
+        step_timeout: float | None = None,
     ) -> None:
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._requests.put(pb.StreamLossesRequest(config=config).SerializeToString())
@@ -61,6 +67,8 @@ class StreamSession(Closing):
         self._closed = False
         self._gradients = config.return_gradients
         self._shared_memory = shared_memory
+        self._step_timeout = step_timeout
+        self._expired = threading.Event()  # set when a step outlived step_timeout and the stream was cancelled
 
     def step(self, teachers: Sequence[Any], students: Sequence[Any], step_id: int | None = None) -> StepResult:
         """The losses (and gradients, if configured) of one step.
@@ -84,9 +92,14 @@ class StreamSession(Closing):
             )
             self._requests.put(wire.build(request, teachers=batch.teachers, students=batch.students))
             try:
-                response = next(self._responses)
+                response = self._answer()
             except grpc.RpcError as exc:
                 self._closed = True
+                if self._expired.is_set():
+                    raise DeadlineExceeded(
+                        f"step {step_id} got no answer within {self._step_timeout:g} s (step_timeout); "
+                        "the stream is over"
+                    ) from None
                 raise from_rpc_error(exc) from exc
             except StopIteration:
                 self._closed = True
@@ -98,6 +111,26 @@ class StreamSession(Closing):
         if self._shared_memory is None:
             return send(Batch(list(teachers), list(students)))
         return self._shared_memory.exchange(teachers, students, self._gradients, send)
+
+    def _answer(self) -> pb.StreamLossesResponse:
+        """The next response; past ``step_timeout`` the stream is cancelled,
+        which ends the wait."""
+        if self._step_timeout is None:
+            return next(self._responses)
+        timer = threading.Timer(self._step_timeout, self._expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            response = next(self._responses)
+        finally:
+            timer.cancel()
+        if self._expired.is_set():  # the bound passed as the answer came: the answer stands, the stream is gone
+            self._closed = True
+        return response
+
+    def _expire(self) -> None:
+        self._expired.set()
+        self._responses.cancel()  # type: ignore[attr-defined]
 
     @property
     def closed(self) -> bool:
