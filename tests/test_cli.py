@@ -8,11 +8,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from distill_client import DistillClient, DistilLoss, MessageTooLarge, Unavailable
+from tests.certs import Authority
 from tests.devices import CUDA
 from tests.reference import reference
 from tests.servers import InProcessServer, ServerProcess
@@ -57,12 +59,38 @@ def test_cuda_without_a_gpu_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    ("flag", "value"), [("--max-message-mb", "0"), ("--max-message-mb", "4096"), ("--workers", "0")]
+    ("flag", "value"),
+    [
+        ("--max-message-mb", "0"),
+        ("--max-message-mb", "4096"),
+        ("--workers", "0"),
+        ("--port", "70000"),
+        ("--port", "-1"),
+        ("--metrics-port", "65536"),
+    ],
 )
 def test_out_of_range_flags_are_refused(flag: str, value: str) -> None:
     result = run_cli(flag, value)
     assert result.returncode == 2
     assert flag in result.stderr
+
+
+def test_an_unreadable_token_file_is_one_line(tmp_path: Path) -> None:
+    result = run_cli("--auth-token-file", str(tmp_path / "missing"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"--auth-token-file {tmp_path / 'missing'}: No such file or directory" in result.stderr
+
+
+def test_a_tls_key_of_another_certificate_is_refused(tmp_path: Path) -> None:
+    authority = Authority(tmp_path, "ca")
+    one, other = authority.issue("one", server=True), authority.issue("other", server=True)
+    result = run_cli("--tls-cert", str(one.cert), "--tls-key", str(other.key))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "the key does not match the certificate" in result.stderr
+    missing = run_cli("--tls-cert", str(one.cert), "--tls-key", str(tmp_path / "nope.key"))
+    assert missing.returncode == 2 and "No such file or directory" in missing.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,13 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is not >= 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0 to 65535)")
     return value
 
 
@@ -105,7 +113,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
         prog="distill-server", description="Serve DistillService: knowledge-distillation losses over gRPC."
     )
     parser.flag("--host", defaults.host, "address to listen on (0.0.0.0 for all interfaces)")
-    parser.flag("--port", defaults.port, "port to listen on; 0 picks a free one", type=int)
+    parser.flag("--port", defaults.port, "port to listen on; 0 picks a free one", type=_port)
     parser.flag("--device", defaults.device, "auto (CUDA when CuPy finds a device, else the CPU), cpu, cuda or cuda:N")
     parser.flag("--workers", defaults.workers, "threads computing large requests", type=_positive)
     parser.flag("--processes", 1, "server processes sharing the port (SO_REUSEPORT), for the CPU", type=_positive)
@@ -199,7 +207,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
         "take tensors and gradient outputs in CUDA memory of clients on the server's GPU (CUDA IPC); "
         "applies where the device is CUDA",
     )
-    parser.flag("--metrics-port", None, "serve Prometheus metrics on this port (0 picks one)", type=int)
+    parser.flag("--metrics-port", None, "serve Prometheus metrics on this port (0 picks one)", type=_port)
     parser.flag("--tls-cert", None, "PEM certificate chain: serve TLS", type=Path)
     parser.flag("--tls-key", None, "PEM private key of --tls-cert", type=Path)
     parser.flag("--tls-client-ca", None, "PEM CA bundle: require client certificates it signed (mutual TLS)", type=Path)
@@ -215,9 +223,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
         parser.error(f"--max-message-mb is {args.max_message_mb}; expected 1 to 2047 (protobuf's limit is 2 GiB)")
     token = os.environ.get(f"{_ENV_PREFIX}AUTH_TOKEN") or None
     if args.auth_token_file is not None:
-        token = args.auth_token_file.read_text().strip()
+        try:
+            token = args.auth_token_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            parser.error(f"--auth-token-file {args.auth_token_file}: {getattr(exc, 'strerror', None) or exc}")
         if not token:
             parser.error(f"--auth-token-file {args.auth_token_file} is empty")
+    if args.tls_cert is not None and args.tls_key is not None:
+        _check_tls(parser, args.tls_cert, args.tls_key, args.tls_client_ca)
     config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -252,6 +265,21 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
     except ValueError as exc:
         parser.error(str(exc))
     return config, args
+
+
+def _check_tls(parser: argparse.ArgumentParser, cert: Path, key: Path, client_ca: Path | None) -> None:
+    """Refuse, in one line, TLS files that cannot be read or a key that is not
+    the certificate's (gRPC would start and then fail every handshake)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+        if client_ca is not None:
+            context.load_verify_locations(client_ca)
+    except ssl.SSLError as exc:
+        why = "the key does not match the certificate" if "KEY_VALUES_MISMATCH" in str(exc) else exc.reason or exc
+        parser.error(f"--tls-cert {cert} / --tls-key {key}: {why}")
+    except OSError as exc:
+        parser.error(f"TLS file {exc.filename or ''}: {exc.strerror or exc}")
 
 
 class JsonFormatter(logging.Formatter):
