@@ -119,3 +119,43 @@ def test_encode_writes_little_endian_bytes_whatever_the_arrays_order(code: int, 
     message = tensors.encode(array)
     assert message.dtype == code
     assert message.data == LITTLE_ENDIAN[code]
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (None, "features are None"),
+        ([[1.0, 2.0], [3.0]], "cannot be sent"),  # ragged
+        (["a", "b"], "cannot be sent"),
+        (np.array([1 << 25], dtype=np.int64), "beyond 2\\^24"),
+    ],
+    ids=["None", "ragged", "strings", "large-integers"],
+)
+def test_user_mistakes_are_invalid_argument_with_the_reason(value: Any, text: str) -> None:
+    with pytest.raises(InvalidArgument, match=text):
+        tensors.to_array(value)
+
+
+def test_integers_float32_holds_and_booleans_become_float32() -> None:
+    assert tensors.to_array(np.array([-(1 << 24), 1 << 24])).tolist() == [-(1 << 24), 1 << 24]
+    converted = tensors.to_array(np.array([True, False]))
+    assert converted.dtype == np.float32 and converted.tolist() == [1.0, 0.0]
+
+
+def test_torch_tensors_bfloat16_and_requiring_grad() -> None:
+    torch = pytest.importorskip("torch")
+    values = torch.tensor([1.5, -2.25, 3.0], dtype=torch.bfloat16)
+    array = tensors.to_array(values)
+    assert array.dtype == ml_dtypes.bfloat16 and array.astype(np.float32).tolist() == [1.5, -2.25, 3.0]
+    with pytest.raises(InvalidArgument, match=r"requires grad.*detach\(\)"):
+        tensors.to_array(torch.ones(3, requires_grad=True))
+
+
+@pytest.mark.parametrize("value", [np.ones((32, 8), np.float32), None], ids=["one-tensor", "None"])
+def test_one_tensor_where_a_list_of_layers_is_expected(value: Any) -> None:
+    with pytest.raises(InvalidArgument, match="expected a list with one tensor per layer") as info:
+        tensors.per_layer("teachers", value)
+    assert info.value.field == "teachers"
+    if value is not None:
+        assert "of shape [32, 8]" in info.value.message
+    assert tensors.per_layer("teachers", (value, value)) == [value, value]

@@ -455,3 +455,11 @@ def test_unknown_reduction_is_refused(server: InProcessServer) -> None:
         server, pb.ComputeTotalLossRequest(layers=[bad], teachers=[good_tensor()], students=[good_tensor()])
     )
     assert type(error) is InvalidArgument and error.field == "layers[0].loss.reduction"
+
+
+def test_one_tensor_for_a_layer_list_is_refused_before_sending(client: DistillClient) -> None:
+    """An array where a list of layers is expected would send its rows as layers."""
+    batch = np.ones((32, 8), np.float32)
+    with pytest.raises(InvalidArgument, match=r"teachers is one tensor of shape \[32, 8\]"):
+        client.compute_total_loss([(1.0, DistilLoss.mse())], batch, [batch])  # type: ignore[arg-type]
+    assert client.compute_total_loss([(1.0, DistilLoss.mse())], [batch], [batch]).total == 0.0

@@ -142,3 +142,14 @@ def test_a_stream_that_fails_is_reopened(start_in_process: Callable[[ServerConfi
         remote.close()
     eventually(lambda: server.sample("distill_requests_in_flight", rpc="StreamLosses") == 0, what="the stream closing")
     assert streams("DEADLINE_EXCEEDED") == 1
+
+
+def test_as_a_context_manager_it_closes_its_stream_and_its_client(server: InProcessServer) -> None:
+    t, s = torch.randn(4, 8), torch.randn(4, 8, requires_grad=True)
+    with bridge.RemoteDistillLoss([(1.0, DistilLoss.mse())], target=server.target, stream=True) as remote:
+        remote([t], [s]).backward()
+        session = remote._session
+        assert session is not None and not session.closed
+    assert session.closed
+    with pytest.raises(ValueError, match="closed"):  # its own client is closed too
+        remote.client.compute_total_loss([(1.0, DistilLoss.mse())], [t.numpy()], [t.numpy()])

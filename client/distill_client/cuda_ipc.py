@@ -39,7 +39,7 @@ import numpy as np
 
 from distill.v1 import distill_pb2 as pb
 from distill_client.shared_memory import Batch, SharedMemory, Transport
-from distill_core import cuda
+from distill_core import cuda, tensors
 from distill_core.errors import (
     Cancelled,
     CudaIpcUnavailable,
@@ -335,6 +335,7 @@ class CudaIpc:
     ) -> _T:
         """``send(batch)`` for a call's tensors: by handle where it can go so,
         else copied to the host (see the class)."""
+        teachers, students = tensors.per_layer("teachers", teachers), tensors.per_layer("students", students)
         if self.transport in ("auto", "cuda_ipc"):
             batch = self.batch(teachers, students, gradients)
             if batch is not None:

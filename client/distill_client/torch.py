@@ -103,6 +103,9 @@ def remote_distill_loss(
 class RemoteDistillLoss(torch.nn.Module):
     """``loss = remote_loss(teacher_feats, student_feats)``; ``loss.backward()`` trains.
 
+    A context manager: ``with RemoteDistillLoss(...) as remote_loss:`` closes
+    it (its stream, and its client if it made one) on the way out.
+
     Args:
         layers: ``(weight, DistilLoss)`` pairs, one per feature map.
         client: A :class:`DistillClient` to use; else one is created from
@@ -167,3 +170,9 @@ class RemoteDistillLoss(torch.nn.Module):
             self._session = None
         if self._owns_client:
             self.client.close()
+
+    def __enter__(self) -> RemoteDistillLoss:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

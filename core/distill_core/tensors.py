@@ -18,7 +18,17 @@ import numpy.typing as npt
 from distill.v1 import distill_pb2 as pb
 from distill_core.errors import InvalidArgument
 
-__all__ = ["DTYPES", "MAX_RANK", "TensorLike", "decode", "dtype_and_shape", "encode", "to_array", "to_wire"]
+__all__ = [
+    "DTYPES",
+    "MAX_RANK",
+    "TensorLike",
+    "decode",
+    "dtype_and_shape",
+    "encode",
+    "per_layer",
+    "to_array",
+    "to_wire",
+]
 
 MAX_RANK = 32
 """Most dimensions a tensor may have (NumPy's own limit is 64)."""
@@ -34,29 +44,83 @@ DTYPES: dict[pb.Dtype, np.dtype[Any]] = {
 _WIRE_DTYPES = {dtype.newbyteorder("="): code for code, dtype in DTYPES.items()}
 
 
+_EXACT_IN_FLOAT32 = 1 << 24
+"""Integers up to this magnitude are exact in float32."""
+
+
 def to_array(value: Any) -> npt.NDArray[Any]:
     """Turn features into an array of a wire dtype.
 
     Accepts NumPy arrays of any shape, objects exposing ``__array__`` or
-    DLPack (CPU torch tensors) and nested lists of numbers. Arrays of a wire
-    dtype keep it; lists, integers and booleans become float32, the seed's
-    type.
+    DLPack (CPU torch tensors, bfloat16 ones too) and nested lists of
+    numbers. Arrays of a wire dtype keep it; lists, integers up to 2^24 in
+    magnitude (exact in float32) and booleans (0 and 1) become float32, the
+    seed's type.
 
     Raises:
-        InvalidArgument: for other dtypes (complex, object, ...).
+        InvalidArgument: None, a ragged or non-numeric list, a torch tensor
+            that requires grad, integers beyond 2^24, or another dtype
+            (complex, object, ...).
     """
+    if value is None:
+        raise InvalidArgument("features are None; expected an array, a tensor or a list of numbers")
     array: npt.NDArray[Any]
-    if isinstance(value, (list, tuple)):
-        array = np.asarray(value, dtype=np.float32)
-    elif isinstance(value, np.ndarray):
-        array = value
-    else:
-        array = np.asarray(value) if hasattr(value, "__array__") else np.from_dlpack(value)
+    try:
+        if isinstance(value, (list, tuple)):
+            array = np.asarray(value, dtype=np.float32)
+        elif isinstance(value, np.ndarray):
+            array = value
+        elif type(value).__module__.startswith("torch"):
+            array = _from_torch(value)
+        else:
+            array = np.asarray(value) if hasattr(value, "__array__") else np.from_dlpack(value)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(f"features of type {type(value).__name__} cannot be sent: {exc}") from None
     if array.dtype.newbyteorder("=") in _WIRE_DTYPES:
         return array
+    if array.dtype.kind in "iu" and array.size and int(np.abs(array).max()) > _EXACT_IN_FLOAT32:
+        raise InvalidArgument(
+            f"integer features reach {int(np.abs(array).max())}, beyond 2^24, where float32 is no longer exact: "
+            "convert them to float64 (or float32) yourself"
+        )
     if array.dtype.kind in "biu":
         return array.astype(np.float32)
     raise InvalidArgument(f"features of dtype {array.dtype} cannot be sent: use float32, float16, bfloat16 or float64")
+
+
+def _from_torch(tensor: Any) -> npt.NDArray[Any]:
+    """A CPU torch tensor as NumPy (bfloat16 by its bits, through ml_dtypes)."""
+    if tensor.requires_grad:
+        raise InvalidArgument(
+            "a torch tensor that requires grad cannot be sent as features: pass tensor.detach(), or train through "
+            "the loss with distill_client.torch.RemoteDistillLoss"
+        )
+    if str(tensor.dtype) == "torch.bfloat16":
+        import torch
+
+        bits: npt.NDArray[Any] = tensor.contiguous().view(torch.int16).numpy()
+        return bits.view(ml_dtypes.bfloat16)
+    return np.asarray(tensor)
+
+
+def per_layer(field: str, tensors: Any) -> list[Any]:
+    """``tensors``, one per layer, as a list.
+
+    Raises:
+        InvalidArgument: None, or one tensor where a list of them is
+            expected (iterating it would send its rows as layers).
+    """
+    if tensors is None:
+        raise InvalidArgument(f"{field} is None; expected a list with one tensor per layer", field=field)
+    if isinstance(tensors, (list, tuple)):
+        return list(tensors)
+    shape = getattr(tensors, "shape", None)
+    if shape is not None or hasattr(tensors, "__array__") or hasattr(tensors, "__dlpack__"):
+        of = f" of shape {list(shape)}" if shape is not None else ""
+        raise InvalidArgument(
+            f"{field} is one tensor{of}; expected a list with one tensor per layer, e.g. [tensor]", field=field
+        )
+    return list(tensors)
 
 
 def to_wire(value: Any) -> tuple[pb.Dtype, npt.NDArray[Any]]:
