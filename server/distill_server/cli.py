@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import ssl
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -229,8 +230,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
             parser.error(f"--auth-token-file {args.auth_token_file}: {getattr(exc, 'strerror', None) or exc}")
         if not token:
             parser.error(f"--auth-token-file {args.auth_token_file} is empty")
-    if args.tls_cert is not None and args.tls_key is not None:
-        _check_tls(parser, args.tls_cert, args.tls_key, args.tls_client_ca)
     config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -267,19 +266,23 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
     return config, args
 
 
-def _check_tls(parser: argparse.ArgumentParser, cert: Path, key: Path, client_ca: Path | None) -> None:
-    """Refuse, in one line, TLS files that cannot be read or a key that is not
-    the certificate's (gRPC would start and then fail every handshake)."""
+def tls_problem(config: ServerConfig) -> str | None:
+    """Why the TLS files cannot serve, in one line: unreadable, or a key that
+    is not the certificate's (gRPC would start and then fail every
+    handshake); None when they can, or without TLS."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(cert, key)
-        if client_ca is not None:
-            context.load_verify_locations(client_ca)
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+        if config.tls_client_ca is not None:
+            context.load_verify_locations(config.tls_client_ca)
     except ssl.SSLError as exc:
         why = "the key does not match the certificate" if "KEY_VALUES_MISMATCH" in str(exc) else exc.reason or exc
-        parser.error(f"--tls-cert {cert} / --tls-key {key}: {why}")
+        return f"--tls-cert {config.tls_cert} / --tls-key {config.tls_key}: {why}"
     except OSError as exc:
-        parser.error(f"TLS file {exc.filename or ''}: {exc.strerror or exc}")
+        return f"TLS file {exc.filename or ''}: {exc.strerror or exc}"
+    return None
 
 
 class JsonFormatter(logging.Formatter):
@@ -374,6 +377,10 @@ def _child(config: ServerConfig, level: str, form: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``distill-server``; returns the exit status."""
     config, args = parse_args(argv)
+    problem = tls_problem(config)
+    if problem is not None:
+        print(f"distill-server: error: {problem}", file=sys.stderr)
+        return 2
     faulthandler.enable()  # a native crash leaves every thread's Python stack on stderr
     _configure_logging(args.log_level, args.log_format)
     if args.processes > 1:

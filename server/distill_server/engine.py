@@ -188,14 +188,17 @@ def _store(out: np.ndarray, g: np.ndarray) -> None:
     if out.dtype != np.float16:
         np.copyto(out, g, casting="unsafe")
         return
-    small = np.less(np.abs(g), _FLOAT16_SUBNORMAL)
+    steps = np.abs(g)  # the one temporary of g's size
+    small = np.less(steps, _FLOAT16_SUBNORMAL)
     if not small.any():
         np.copyto(out, g, casting="unsafe")
         return
     if not small.all():
-        np.copyto(out, np.where(small, 0.0, g), casting="unsafe")
-    steps = np.minimum(np.abs(g) * 2.0**24, 1024.0)  # 1024 steps: the smallest normal, 0x0400
-    bits = np.rint(steps, out=steps).astype(np.uint16) | (np.signbit(g).astype(np.uint16) << 15)
+        np.copyto(out, g, casting="unsafe", where=~small)
+    steps *= 2.0**24
+    np.minimum(steps, 1024.0, out=steps)  # 1024 steps: the smallest normal, 0x0400
+    bits = np.rint(steps, out=steps).astype(np.uint16)
+    bits |= np.signbit(g).astype(np.uint16) << 15
     np.copyto(out.view(np.uint16), bits, where=small)
 
 
