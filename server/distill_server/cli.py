@@ -22,7 +22,7 @@ from distill_server.config import Limits, ServerConfig
 from distill_server.server import DistillServer
 from distill_server.supervisor import supervise
 
-__all__ = ["JsonFormatter", "main", "parse_args", "serve"]
+__all__ = ["JsonFormatter", "main", "parse_args", "serve", "tls_problem"]
 
 log = logging.getLogger("distill_server")
 
