@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import threading
 import time
 import traceback
@@ -31,7 +30,7 @@ from typing import Any
 
 import cupy
 import numpy as np
-from bench_loopback import start_distill_server
+from bench_loopback import median_seconds, start_distill_server
 from cupyx.profiler import benchmark
 
 from distill_client import DistillClient, DistilLoss, Reduction
@@ -57,13 +56,7 @@ def gpu_ms(fn: Callable[[], object], repeats: int = 20) -> float:
 
 def wall_ms(fn: Callable[[], object], repeats: int = 20) -> float:
     """Median host time of ``fn``, which synchronises, after warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return median_seconds(fn, repeats) * 1e3
 
 
 def gbps(nbytes: int, ms: float) -> float:

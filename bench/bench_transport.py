@@ -17,7 +17,6 @@ DistillService computes the MSE of the same request. Measured in this run:
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from bench_loopback import start_bare_server, start_distill_server
+from bench_loopback import median_seconds, start_bare_server, start_distill_server
 
 from distill.v1 import distill_pb2 as pb
 from distill_client import DistilLoss
@@ -65,14 +64,7 @@ def caller(target: str, arguments: list[str]) -> Callable[[bytes], bytes]:
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(min(repeats, 20)):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return median_seconds(fn, repeats) * 1e3
 
 
 def calls_per_second(call: Callable[[bytes], bytes], payload: bytes, threads: int = 8, seconds: float = 3.0) -> float:
