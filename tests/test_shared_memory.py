@@ -27,6 +27,7 @@ from distill_client import DistilLoss, Reduction
 from distill_core import errors, rpc, tensors, wire
 from distill_core.errors import DistillError, from_rpc_error
 from distill_server.config import ServerConfig
+from distill_server.shared_memory import SealedSocket
 from tests.reference import LOSSES_BOTH_REDUCTIONS, WIRE_DTYPES, reference
 from tests.servers import InProcessServer, ServerProcess, eventually
 
@@ -691,26 +692,35 @@ def test_sockets_of_dead_servers_are_removed() -> None:
     assert not path.exists()
 
 
-def test_silent_socket_clients_cannot_lock_others_out(channel: grpc.Channel, socket_path: str) -> None:
+def test_silent_socket_clients_cannot_lock_others_out(tmp_path: Path) -> None:
+    """Four connections are served side by side, a fifth is told the socket is
+    busy: three clients that connect and say nothing leave a slot to the
+    others. (The socket's own, with a handler timeout far above any stall of
+    a loaded machine: the slots here are freed by closing, not by time.)"""
+    sealed_socket = SealedSocket(Path("/dev/shm") / f"distill-test-{secrets.token_hex(4)}.sock", 4, 60.0, timeout=60.0)
+    path = str(sealed_socket.path)
     silent = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3)]
+    crowd = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+    fd = os.memfd_create("distill-test", os.MFD_CLOEXEC)
     try:
         for connection in silent:
-            connection.connect(socket_path)  # and say nothing
-        sealed = Sealed(channel, socket_path, 4096)  # served meanwhile
-        assert len(sealed.ticket) == 32
+            connection.connect(path)  # and say nothing
+        ticket = hand_over(path, [fd])  # served meanwhile
+        taken = sealed_socket.take(ticket)
+        assert len(ticket) == 32 and taken is not None
+        os.close(taken)
         for connection in silent:  # still waiting for their answer: served side by side, not in turn
             with pytest.raises(BlockingIOError):
                 connection.recv(1, socket.MSG_DONTWAIT)
-        crowd = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
         for connection in crowd:
-            connection.connect(socket_path)
+            connection.connect(path)
         answers = [connection.makefile().readline() for connection in crowd[1:]]
         assert answers == ["error: the socket is busy; retry\n"]  # four at a time; the fifth is told so
-        for connection in crowd:
-            connection.close()
     finally:
-        for connection in silent:
+        for connection in silent + crowd:
             connection.close()
+        os.close(fd)
+        sealed_socket.close()
 
 
 def test_a_lease_is_no_call_in_flight(server: InProcessServer, channel: grpc.Channel, shm: Callable[..., Shm]) -> None:
