@@ -1,8 +1,9 @@
 """The compute device: ``--device`` -> an array module and host<->device moves.
 
-With :mod:`distill_server.kernels` (the engine's CUDA kernels), the only
-module that imports CuPy. NumPy arrays are processed in blocks that fit in
-cache (one pass over memory); CuPy arrays in one block.
+With :mod:`distill_server.kernels` (the engine's CUDA kernels) and
+:mod:`distill_server.cuda_ipc` (clients' CUDA memory), the only modules that
+import CuPy. NumPy arrays are processed in blocks that fit in cache (one
+pass over memory); CuPy arrays in one block.
 
 On a GPU each server thread computes on a stream of its own, so one call's
 copies overlap another's kernels, and moves host memory through pinned
