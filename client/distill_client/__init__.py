@@ -7,6 +7,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from distill_client.aio import AsyncDistillClient, AsyncStreamSession
 from distill_client.client import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TARGET,
@@ -59,6 +60,8 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_TARGET",
     "DEFAULT_TIMEOUT",
+    "AsyncDistillClient",
+    "AsyncStreamSession",
     "Cancelled",
     "CudaIpcInfo",
     "CudaIpcUnavailable",

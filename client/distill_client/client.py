@@ -30,13 +30,17 @@ __all__ = [
     "DEFAULT_TARGET",
     "DEFAULT_TIMEOUT",
     "SERVICE_NAME",
+    "ChannelSettings",
     "DistillClient",
     "LayerSpec",
     "ServerInfo",
     "TotalLoss",
     "channel_target",
     "default_target",
+    "layer_config",
+    "layer_loss_request",
     "service_config",
+    "total_loss_request",
 ]
 
 DEFAULT_TARGET = "localhost:50051"
@@ -83,8 +87,93 @@ class ServerInfo:
     """Whether it takes CUDA memory of clients on its GPU by IPC handle, and
     its GPU's UUID (None: a server that does not say, so does not)."""
 
+    @classmethod
+    def from_proto(cls, response: pb.GetServerInfoResponse) -> ServerInfo:
+        return cls(
+            version=response.version,
+            device=response.device,
+            device_description=response.device_description,
+            supported_dtypes=[pb.Dtype.Name(d) for d in response.supported_dtypes],
+            supported_loss_kinds=[LossKind(k) for k in response.supported_loss_kinds],
+            max_message_bytes=response.max_message_bytes,
+            shared_memory=(
+                SharedMemoryInfo.from_proto(response.shared_memory) if response.HasField("shared_memory") else None
+            ),
+            cuda_ipc=CudaIpcInfo.from_proto(response.cuda_ipc) if response.HasField("cuda_ipc") else None,
+        )
 
-def _layers(layers: Sequence[LayerSpec], names: Sequence[str] | None) -> list[pb.Layer]:
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    """What a client's channel is made with: its arguments (limits, retries,
+    balancing, health checking), credentials and call metadata (the token)."""
+
+    options: list[tuple[str, Any]]
+    credentials: grpc.ChannelCredentials | None
+    metadata: tuple[tuple[str, str], ...] | None
+
+    @classmethod
+    def of(
+        cls,
+        max_message_bytes: int,
+        retries: int,
+        token: str | None,
+        tls_ca: str | os.PathLike[str] | None,
+        tls_cert: str | os.PathLike[str] | None,
+        tls_key: str | os.PathLike[str] | None,
+        tls: bool,
+        credentials: grpc.ChannelCredentials | None,
+        options: Sequence[tuple[str, Any]],
+    ) -> ChannelSettings:
+        """The settings of the clients' keyword arguments (see :class:`DistillClient`)."""
+        token = token or os.environ.get("DISTILL_AUTH_TOKEN") or None
+        channel_options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.enable_retries", int(retries > 0)),
+            ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
+            ("grpc.service_config", json.dumps(service_config(retries))),
+            *options,
+        ]
+        if credentials is None and (tls or tls_ca or tls_cert or tls_key):
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca), private_key=_read(tls_key), certificate_chain=_read(tls_cert)
+            )
+        return cls(channel_options, credentials, (("authorization", f"Bearer {token}"),) if token else None)
+
+
+def layer_loss_request(config: list[pb.Layer], layer_index: int, gradients: bool, batch: Batch) -> bytes:
+    """A framed ``ComputeLayerLossRequest`` for ``batch``'s one pair."""
+    outputs, cuda_outputs = batch.gradient_outputs, batch.gradient_cuda_outputs
+    return wire.build(
+        pb.ComputeLayerLossRequest(
+            layers=config,
+            layer_index=layer_index,
+            return_gradients=gradients,
+            gradient_output=outputs[0] if outputs else None,
+            gradient_cuda_output=cuda_outputs[0] if cuda_outputs else None,
+        ),
+        teacher=batch.teachers[0],
+        student=batch.students[0],
+    )
+
+
+def total_loss_request(config: list[pb.Layer], gradients: bool, batch: Batch) -> bytes:
+    """A framed ``ComputeTotalLossRequest`` for ``batch``."""
+    return wire.build(
+        pb.ComputeTotalLossRequest(
+            layers=config,
+            return_gradients=gradients,
+            gradient_outputs=batch.gradient_outputs,
+            gradient_cuda_outputs=batch.gradient_cuda_outputs,
+        ),
+        teachers=batch.teachers,
+        students=batch.students,
+    )
+
+
+def layer_config(layers: Sequence[LayerSpec], names: Sequence[str] | None) -> list[pb.Layer]:
+    """The layers as the requests carry them (names, if given, one per layer)."""
     if names is not None and len(names) != len(layers):
         raise ValueError(f"{len(names)} names for {len(layers)} layers")
     return [
@@ -242,24 +331,14 @@ class DistillClient(Closing):
     ) -> None:
         self.target = channel_target(target or default_target())
         self.timeout = timeout
-        token = token or os.environ.get("DISTILL_AUTH_TOKEN") or None
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        channel_options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.enable_retries", int(retries > 0)),
-            ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
-            ("grpc.service_config", json.dumps(service_config(retries))),
-            *options,
-        ]
-        if credentials is None and (tls or tls_ca or tls_cert or tls_key):
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(tls_ca), private_key=_read(tls_key), certificate_chain=_read(tls_cert)
-            )
-        if credentials is None:
-            self._channel = grpc.insecure_channel(self.target, options=channel_options)
+        settings = ChannelSettings.of(
+            max_message_bytes, retries, token, tls_ca, tls_cert, tls_key, tls, credentials, options
+        )
+        self._metadata = settings.metadata
+        if settings.credentials is None:
+            self._channel = grpc.insecure_channel(self.target, options=settings.options)
         else:
-            self._channel = grpc.secure_channel(self.target, credentials, options=channel_options)
+            self._channel = grpc.secure_channel(self.target, settings.credentials, options=settings.options)
         # Requests go out serialized: the loss methods' framed by distill_core.wire.
         self._layer_loss = self._unary(rpc.COMPUTE_LAYER_LOSS)
         self._total_loss = self._unary(rpc.COMPUTE_TOTAL_LOSS)
@@ -313,21 +392,10 @@ class DistillClient(Closing):
         lists of floats. With
         ``gradients``, the result's ``gradient`` is ``weight * d loss / d student``.
         """
-        config = _layers(layers, names)
+        config = layer_config(layers, names)
 
         def send(batch: Batch) -> LayerLoss:
-            outputs, cuda_outputs = batch.gradient_outputs, batch.gradient_cuda_outputs
-            request = wire.build(
-                pb.ComputeLayerLossRequest(
-                    layers=config,
-                    layer_index=layer_index,
-                    return_gradients=gradients,
-                    gradient_output=outputs[0] if outputs else None,
-                    gradient_cuda_output=cuda_outputs[0] if cuda_outputs else None,
-                ),
-                teacher=batch.teachers[0],
-                student=batch.students[0],
-            )
+            request = layer_loss_request(config, layer_index, gradients, batch)
             response: pb.ComputeLayerLossResponse = self._call(self._layer_loss, request, timeout)
             return batch.layers([response.layer_loss])[0]
 
@@ -348,19 +416,10 @@ class DistillClient(Closing):
         With ``gradients``, each layer's ``gradient`` is the gradient of the
         total with respect to that layer's student tensor.
         """
-        config = _layers(layers, names)
+        config = layer_config(layers, names)
 
         def send(batch: Batch) -> TotalLoss:
-            request = wire.build(
-                pb.ComputeTotalLossRequest(
-                    layers=config,
-                    return_gradients=gradients,
-                    gradient_outputs=batch.gradient_outputs,
-                    gradient_cuda_outputs=batch.gradient_cuda_outputs,
-                ),
-                teachers=batch.teachers,
-                students=batch.students,
-            )
+            request = total_loss_request(config, gradients, batch)
             response: pb.ComputeTotalLossResponse = self._call(self._total_loss, request, timeout)
             return TotalLoss(response.total_loss, batch.layers(response.layer_losses))
 
@@ -384,7 +443,7 @@ class DistillClient(Closing):
         bound): a step with no answer in time ends the stream with
         ``DeadlineExceeded``.
         """
-        config = pb.StreamConfig(layers=_layers(layers, names), return_gradients=gradients)
+        config = pb.StreamConfig(layers=layer_config(layers, names), return_gradients=gradients)
         per_step = self.timeout if step_timeout is None else step_timeout
         per_step = None if per_step is not None and math.isinf(per_step) else per_step
         return StreamSession(self._stream_losses, config, timeout, self._metadata, self._cuda_ipc, per_step)
@@ -415,15 +474,4 @@ class DistillClient(Closing):
         response: pb.GetServerInfoResponse = self._call(
             self._server_info, pb.GetServerInfoRequest().SerializeToString(), timeout
         )
-        return ServerInfo(
-            version=response.version,
-            device=response.device,
-            device_description=response.device_description,
-            supported_dtypes=[pb.Dtype.Name(d) for d in response.supported_dtypes],
-            supported_loss_kinds=[LossKind(k) for k in response.supported_loss_kinds],
-            max_message_bytes=response.max_message_bytes,
-            shared_memory=(
-                SharedMemoryInfo.from_proto(response.shared_memory) if response.HasField("shared_memory") else None
-            ),
-            cuda_ipc=CudaIpcInfo.from_proto(response.cuda_ipc) if response.HasField("cuda_ipc") else None,
-        )
+        return ServerInfo.from_proto(response)

@@ -443,8 +443,8 @@ def from_rich_status(status: status_pb2.Status) -> DistillError:
 
 
 def from_rpc_error(exc: grpc.RpcError) -> DistillError:
-    """Map a failed gRPC call to the DistillError it stands for."""
-    if not isinstance(exc, grpc.Call):
+    """Map a failed gRPC call, synchronous or asyncio's, to the DistillError it stands for."""
+    if not isinstance(exc, (grpc.Call, grpc.aio.AioRpcError)):
         return Unknown(str(exc))
     try:
         status = rpc_status.from_call(exc)
