@@ -167,3 +167,30 @@ def test_the_server_keeps_blas_to_one_thread_unless_told(given: str | None, expe
     code = "import distill_server.cli, os, sys; print(os.environ['OPENBLAS_NUM_THREADS'], 'numpy' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == [expected, "True"], done.stderr
+
+
+def test_version_and_help_answer_whatever_the_environment_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTILL_MAX_LAYERS", "lots")
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("distill-server ")
+    assert run_cli("--help").returncode == 0
+    refused = run_cli("--port", "0")  # anything else: the bad value is an error, in one line
+    assert refused.returncode == 2 and "$DISTILL_MAX_LAYERS='lots'" in refused.stderr
+
+
+def test_choices_take_any_case_from_flags_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from distill_server.cli import parse_args
+
+    monkeypatch.setenv("DISTILL_LOG_LEVEL", "debug")
+    monkeypatch.setenv("DISTILL_LOG_FORMAT", "JSON")
+    _, args = parse_args([])
+    assert (args.log_level, args.log_format) == ("DEBUG", "json")
+    _, args = parse_args(["--log-level", "Warning"])
+    assert args.log_level == "WARNING"
+
+
+def test_probe_help_has_no_markup() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "distill_server.probe", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and "distill-probe: exit 0" in result.stdout and "``" not in result.stdout

@@ -89,6 +89,10 @@ def test_bearer_token(start_server: type[ServerProcess], tmp_path: Path) -> None
     # Refused calls did no work: no element was computed.
     assert metrics_after["distill_elements_total"] == metrics_before["distill_elements_total"]
     assert metrics_after['distill_requests_total{code="UNAUTHENTICATED",rpc="ComputeTotalLoss"}'] == 3
+    # And logged like any failed call: one line each, with the peer.
+    proc.wait_for_lines("call failed: rpc=ComputeTotalLoss code=UNAUTHENTICATED", 3)
+    refused = [line for line in proc.log if "code=UNAUTHENTICATED" in line and "rpc=ComputeTotalLoss" in line]
+    assert len(refused) == 3 and all("peer=ipv" in line for line in refused), refused
     # Health stays open for probes.
     with grpc.insecure_channel(proc.target) as channel:
         response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from distill_core.errors import Unauthenticated
+from distill_server.decoding import OnError
 from distill_server.status import to_status
 
 __all__ = ["OPEN_PREFIXES", "BearerTokenInterceptor"]
@@ -32,10 +33,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     Args:
         token: The expected token.
-        on_reject: Called with the method name of each refused call (metrics).
+        on_reject: Called with the method, the error and the call's context
+            (alive) for each refused call (logs and metrics), as the other
+            refusals are.
     """
 
-    def __init__(self, token: str, on_reject: Callable[[str], None] = lambda method: None) -> None:
+    def __init__(self, token: str, on_reject: OnError = lambda method, error, context: None) -> None:
         self._expected = f"Bearer {token}".encode()
         self._on_reject = on_reject
 
@@ -54,18 +57,17 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_PREFIXES) or self._authorised(details):
             return handler
-        self._on_reject(details.method)
-        return _refusing(details.method)
+        return _refusing(details.method, self._on_reject)
 
 
-def _refusing(method: str) -> grpc.RpcMethodHandler:
+def _refusing(method: str, on_reject: OnError) -> grpc.RpcMethodHandler:
     """A handler that aborts with UNAUTHENTICATED without reading the request
     (any RPC shape: no message is read or sent)."""
-    status = to_status(
-        Unauthenticated(f"{method} needs 'authorization: Bearer <token>' metadata with the server's token")
-    )
+    error = Unauthenticated(f"{method} needs 'authorization: Bearer <token>' metadata with the server's token")
+    status = to_status(error)
 
     async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        on_reject(method, error, context)
         await context.abort_with_status(status)
 
     return grpc.stream_unary_rpc_method_handler(refuse)

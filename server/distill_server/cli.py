@@ -72,19 +72,28 @@ def _seconds(text: str) -> float:
 
 class _Parser(argparse.ArgumentParser):
     """Every flag's default comes from its environment variable (``--max-layers``:
-    ``DISTILL_MAX_LAYERS``), so flags win over the environment."""
+    ``DISTILL_MAX_LAYERS``), so flags win over the environment. A bad value
+    in the environment is reported after parsing, so ``--help`` and
+    ``--version`` answer whatever the environment holds."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.environment_errors: list[str] = []
 
     def flag(self, flag: str, default: Any, help: str, type: Callable[[str], Any] = str, **kwargs: Any) -> None:
         env = _env_name(flag)
         raw = os.environ.get(env)
         if raw is not None and raw != "":
-            try:
-                default = type(raw)
-            except (ValueError, argparse.ArgumentTypeError) as exc:
-                self.error(f"${env}={raw!r}: {exc}")
             choices = kwargs.get("choices")
-            if choices is not None and default not in choices:
-                self.error(f"${env}={raw!r}: expected one of {', '.join(choices)}")
+            try:
+                value = type(raw)
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                self.environment_errors.append(f"${env}={raw!r}: {exc}")
+            else:
+                if choices is not None and value not in choices:
+                    self.environment_errors.append(f"${env}={raw!r}: expected one of {', '.join(choices)}")
+                else:
+                    default = value
         shown = "off" if default is None else default
         self.add_argument(flag, type=type, default=default, help=f"{help} [env {env}; default {shown}]", **kwargs)
 
@@ -96,8 +105,9 @@ class _Parser(argparse.ArgumentParser):
         if raw is not None and raw != "":
             words = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
             if raw.strip().lower() not in words:
-                self.error(f"${env}={raw!r}: expected 1, true, yes, on, 0, false, no or off")
-            default = words[raw.strip().lower()]
+                self.environment_errors.append(f"${env}={raw!r}: expected 1, true, yes, on, 0, false, no or off")
+            else:
+                default = words[raw.strip().lower()]
         dest = flag.lstrip("-").replace("-", "_")
         group = self.add_mutually_exclusive_group()
         shown = "on" if default else "off"
@@ -213,13 +223,21 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
     parser.flag("--tls-key", None, "PEM private key of --tls-cert", type=Path)
     parser.flag("--tls-client-ca", None, "PEM CA bundle: require client certificates it signed (mutual TLS)", type=Path)
     parser.flag("--auth-token-file", None, "file holding the bearer token calls must carry", type=Path)
-    parser.flag("--log-level", "INFO", "DEBUG, INFO, WARNING or ERROR", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    parser.flag("--log-format", "text", "text or json (one JSON object per line)", choices=["text", "json"])
+    parser.flag(
+        "--log-level", "INFO", "DEBUG, INFO, WARNING or ERROR (any case)", type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    )  # fmt: skip
+    parser.flag(
+        "--log-format", "text", "text or json (one JSON object per line; any case)", type=str.lower,
+        choices=["text", "json"],
+    )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.epilog = (
         f"The bearer token may also come from ${_ENV_PREFIX}AUTH_TOKEN. Health checks (grpc.health.v1) need no token."
     )
     args = parser.parse_args(argv)
+    if parser.environment_errors:
+        parser.error(parser.environment_errors[0])
     if args.max_message_mb > 2047:
         parser.error(f"--max-message-mb is {args.max_message_mb}; expected 1 to 2047 (protobuf's limit is 2 GiB)")
     token = os.environ.get(f"{_ENV_PREFIX}AUTH_TOKEN") or None

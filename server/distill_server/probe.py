@@ -54,7 +54,9 @@ def _path(env: Mapping[str, str], name: str) -> Path | None:
 
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="distill-probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="distill-probe",
+        description=(__doc__ or "").replace("``", ""),  # the docstring's reST markup is not for a terminal
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--target", default=_default_target(env), help="host:port of the server")
     parser.add_argument("--service", default="", help="service to check; empty for the whole server")

@@ -132,8 +132,8 @@ class DistillServer:
         self.executor = ThreadPoolExecutor(config.workers, thread_name_prefix="distill")
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if config.auth_token:
-            interceptors.append(BearerTokenInterceptor(config.auth_token, self._count_refusal))
-        interceptors.append(DecodingInterceptor(self._count_malformed))
+            interceptors.append(BearerTokenInterceptor(config.auth_token, self._count_refused))
+        interceptors.append(DecodingInterceptor(self._count_refused))
         limits = config.limits
         self.server = grpc.aio.server(
             interceptors=interceptors,
@@ -175,10 +175,8 @@ class DistillServer:
         self.metrics_port: int | None = None
         self._expiry: asyncio.Future[None] | None = None
 
-    def _count_refusal(self, method: str) -> None:
-        self.metrics.requests.labels(method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
-
-    def _count_malformed(self, method: str, error: DistillError, context: grpc.aio.ServicerContext) -> None:
+    def _count_refused(self, method: str, error: DistillError, context: grpc.aio.ServicerContext) -> None:
+        """A call refused before its handler (no token, malformed bytes): logged and counted like any failure."""
         rpc = method.rsplit("/", 1)[-1]
         log_failure(rpc, error, context.peer())
         self.metrics.requests.labels(rpc, error.code.name).inc()
