@@ -44,6 +44,8 @@ from distill_server.config import ServerConfig
 from distill_server.metrics import Metrics
 from distill_server.server import DistillServer
 from tests.certs import Authority
+from tests.scraping import scrape
+from tests.servers import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -947,3 +949,33 @@ def test_sidecar_server_shares_memory_with_a_client_of_its_uid(
     # The client removed its files' names once the server held them (the
     # server's socket for sealed memory files may be there too).
     assert [f.name for f in shm.iterdir() if not f.is_socket()] == []
+
+
+# The Grafana dashboard.
+
+
+def test_every_dashboard_query_names_metrics_the_server_exports(start_server: type[ServerProcess]) -> None:
+    """Each panel's PromQL names only series a real server's /metrics has,
+    once it has served the calls that create them."""
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "distill-service.json").read_text())
+    proc = start_server(["--device", "cpu", "--metrics-port", "0"])
+    x = np.ones((2, 4), np.float32)
+    with DistillClient(proc.target, timeout=30) as client:
+        client.compute_total_loss([(1.0, DistilLoss.mse())], [x], [x])
+        with client.stream([(1.0, DistilLoss.mse())]) as session:
+            session.step([x], [x])
+    exported = {name.split("{")[0] for name in scrape(proc)}
+    queried = set()
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            names = set(re.findall(r"\bdistill_[a-z_]+", target["expr"]))
+            assert names, (panel["title"], target["expr"])
+            queried |= names
+    assert queried <= exported, sorted(queried - exported)
+    # Every family the server exports has a panel.
+    suffix = r"_(total|bucket|count|sum|created|info)$"
+    families = {re.sub(suffix, "", name) for name in exported if name.startswith("distill_")}
+    shown = {re.sub(suffix, "", name) for name in queried}
+    assert families <= shown, sorted(families - shown)
+    assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
