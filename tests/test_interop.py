@@ -4,6 +4,7 @@ of the contract. Both need Node.js and npm (they skip without them)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -78,3 +79,24 @@ def test_buf_lint_passes_with_the_standard_rules(node_client: Path) -> None:
     result = lint()
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == ""
+
+
+def test_the_node_package_tests_pass_against_a_live_server(node_client: Path, server: InProcessServer) -> None:
+    result = subprocess.run(
+        ["npm", "test"], cwd=node_client, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "DISTILL_TARGET": server.target},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "# fail 0" in result.stdout and "# pass 4" in result.stdout
+
+
+def test_the_node_package_checks_and_carries_the_contract(node_client: Path) -> None:
+    result = subprocess.run(["npm", "run", "check"], cwd=node_client, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Installed, the package reads its own copy of the .proto: it must be the contract, byte for byte.
+    copy = node_client / "proto" / "distill" / "v1" / "distill.proto"
+    assert copy.read_bytes() == (NODE_DIR.parent.parent / "protos" / "distill" / "v1" / "distill.proto").read_bytes()
+    package = json.loads((node_client / "package.json").read_text())
+    assert "private" not in package and package["types"] == "distill.d.ts"
+    assert {"distill.js", "distill.d.ts", "proto/", "README.md"} <= set(package["files"])
+    assert all((node_client / name).exists() for name in package["files"])
