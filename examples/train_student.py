@@ -7,18 +7,21 @@ logits (per-row KL at temperature 2): the only training signal is the loss
 and gradients that DistillService returns.
 
     distill-server &                 # or: make serve
-    python examples/train_student.py --target 127.0.0.1:50051 --steps 300
+    python examples/train_student.py --target 127.0.0.1:50051 --steps 300 --plot loss.png
 
-Prints the loss as it falls and, at the end, how far the student's features
-are from the teacher's before and after training. ``--json`` prints those
-numbers as one JSON line.
+Shows a progress bar with the loss, the rate and the time left (tqdm) and,
+at the end, how far the student's features are from the teacher's before and
+after training; ``--plot FILE`` saves the loss curve as a PNG (matplotlib).
+``--json`` writes one JSON line per step as it goes (``step``, ``loss``),
+then the summary. ``pip install '.[examples]'`` brings tqdm and matplotlib.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -63,8 +66,15 @@ def feature_gap(teacher: Teacher, student: Student, x: torch.Tensor) -> float:
 
 
 def train(
-    target: str, steps: int, batch: int = 64, stream: bool = True, seed: int = 0, log_every: int = 50
-) -> dict[str, float]:
+    target: str,
+    steps: int,
+    batch: int = 64,
+    stream: bool = True,
+    seed: int = 0,
+    on_step: Callable[[int, float], None] = lambda step, loss: None,
+) -> tuple[dict[str, float], list[float]]:
+    """Train the student; ``on_step(step, loss)`` after every step. Returns the
+    summary and every step's loss."""
     torch.manual_seed(seed)
     teacher, student = Teacher().eval(), Student()
     data = torch.randn(4096, INPUTS)
@@ -84,17 +94,32 @@ def train(
             loss.backward()
             optimiser.step()
             losses.append(loss.item())
-            if log_every and step % log_every == 0:
-                print(f"step {step:4d}  loss {losses[-1]:.5f}")
+            on_step(step, losses[-1])
     finally:
         remote_loss.close()
     window = max(1, steps // 10)
-    return {
+    summary = {
         "first_loss": sum(losses[:window]) / window,
         "last_loss": sum(losses[-window:]) / window,
         "feature_gap_before": gap_before,
         "feature_gap_after": feature_gap(teacher, student, held_out),
     }
+    return summary, losses
+
+
+def plot(losses: list[float], path: str) -> None:
+    """The loss curve as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(6, 3.5))
+    axes.plot(losses)
+    axes.set(xlabel="step", ylabel="remote loss", yscale="log", title="Student trained through DistillService")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -103,16 +128,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--unary", action="store_true", help="one ComputeTotalLoss call per step instead of a stream")
-    parser.add_argument("--json", action="store_true", help="print the final numbers as JSON")
+    parser.add_argument("--json", action="store_true", help="one JSON line per step as it goes, then the summary")
+    parser.add_argument("--plot", metavar="FILE", help="save the loss curve as a PNG")
     args = parser.parse_args(argv)
-    result = train(args.target, args.steps, args.batch, stream=not args.unary, log_every=0 if args.json else 50)
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        parser.exit(2, "train_student.py: needs tqdm (pip install '.[examples]')\n")
+    stream = not args.unary
     if args.json:
-        print(json.dumps(result))
+
+        def on_step(step: int, loss: float) -> None:
+            print(json.dumps({"step": step, "loss": loss}), flush=True)
+
+        summary, losses = train(args.target, args.steps, args.batch, stream=stream, on_step=on_step)
+        print(json.dumps(summary), flush=True)
     else:
+        with tqdm(total=args.steps, unit="step", file=sys.stderr) as bar:
+
+            def on_step(step: int, loss: float) -> None:
+                bar.set_postfix(loss=f"{loss:.5f}", refresh=False)
+                bar.update()
+
+            summary, losses = train(args.target, args.steps, args.batch, stream=stream, on_step=on_step)
         print(
-            f"loss {result['first_loss']:.5f} -> {result['last_loss']:.5f}; feature gap "
-            f"{result['feature_gap_before']:.5f} -> {result['feature_gap_after']:.5f}"
+            f"loss {summary['first_loss']:.5f} -> {summary['last_loss']:.5f}; feature gap "
+            f"{summary['feature_gap_before']:.5f} -> {summary['feature_gap_after']:.5f}"
         )
+    if args.plot:
+        plot(losses, args.plot)
 
 
 if __name__ == "__main__":

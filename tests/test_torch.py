@@ -108,18 +108,35 @@ def test_cuda_tensors_come_back_on_their_device(client: DistillClient) -> None:
     assert all(s.grad.device.type == "cuda" for s in students)
 
 
-def test_the_example_trains_a_student(server: InProcessServer) -> None:
+def test_the_example_trains_a_student(server: InProcessServer, tmp_path: Path) -> None:
+    plot = tmp_path / "loss.png"
     result = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--target", server.target, "--steps", "150", "--json"],
+        [sys.executable, str(EXAMPLE), "--target", server.target, "--steps", "150", "--json", "--plot", str(plot)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    numbers = json.loads(result.stdout.strip().splitlines()[-1])
+    lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    # One line per step as it goes, then the summary.
+    assert [line["step"] for line in lines[:-1]] == list(range(150))
+    numbers = lines[-1]
     # Measured: the loss falls about 20x and the feature gap about 30x in 150 steps.
     assert numbers["last_loss"] < 0.2 * numbers["first_loss"]
     assert numbers["feature_gap_after"] < 0.2 * numbers["feature_gap_before"]
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_the_example_shows_a_progress_bar(server: InProcessServer) -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--target", server.target, "--steps", "20"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "20/20" in result.stderr and "step/s" in result.stderr and "loss=" in result.stderr  # tqdm's bar
+    assert result.stdout.startswith("loss ") and "feature gap" in result.stdout
 
 
 def test_a_stream_that_fails_is_reopened(start_in_process: Callable[[ServerConfig], InProcessServer]) -> None:
