@@ -44,7 +44,7 @@ def test_bench_sweeps_sizes_and_concurrency_into_csv(server: InProcessServer, tm
     out = tmp_path / "bench.csv"
     result = run(
         "--target", server.target, "bench", "--sizes", "1K,64K", "--concurrency", "1,3", "--seconds", "0.3",
-        "--csv", str(out),
+        "--csv", str(out), "--plot", str(tmp_path / "bench.png"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     with out.open() as handle:
@@ -56,6 +56,7 @@ def test_bench_sweeps_sizes_and_concurrency_into_csv(server: InProcessServer, tm
         assert int(row["calls"]) > 0 and int(row["errors"]) == 0
         assert 0 < float(row["p50_ms"]) <= float(row["p90_ms"]) <= float(row["p99_ms"])
     assert result.stdout.count("\n") == 2 + len(rows)  # the table: header, rule, a line per row
+    assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 @pytest.mark.parametrize(("text", "expected"), [("1K", 1024), ("64M", 64 << 20), ("512", 512), ("1.5KB", 1536)])

@@ -6,7 +6,8 @@
 - ``bench``: calls per second and latency percentiles of ``ComputeTotalLoss``
   for each payload size and number of concurrent callers (threads sharing
   the client), in the manner of Triton's ``perf_analyzer``; a table on
-  stdout and, with ``--csv``, one row per measurement.
+  stdout, printed as each measurement ends, and, with ``--csv``, one row per
+  measurement; ``--plot`` draws them (matplotlib).
 
 The target comes from ``--target``, else ``$DISTILL_TARGET``, else
 ``localhost:50051``; the token from ``--token`` or ``$DISTILL_AUTH_TOKEN``.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import importlib.util
 import json
 import sys
 import threading
@@ -29,7 +31,7 @@ from distill_client.client import DistillClient
 from distill_core.errors import DistillError
 from distill_core.losses import DistilLoss
 
-__all__ = ["BenchRow", "bench", "check", "main", "parse_size"]
+__all__ = ["BenchRow", "bench", "check", "main", "parse_size", "plot"]
 
 CHECK_TEACHER = [1.0, 2.0, 3.0, 4.0]
 CHECK_STUDENT = [1.0, 2.0, 3.0, 6.0]
@@ -122,7 +124,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench_parser.add_argument("--seconds", type=float, default=5.0, help="per measurement [default 5]")
     bench_parser.add_argument("--csv", help="also write the rows to this CSV file")
+    bench_parser.add_argument(
+        "--plot", help="also draw calls/s and p99 against concurrency, per size, as a PNG (needs matplotlib)"
+    )
     return parser
+
+
+def plot(rows: Sequence[BenchRow], path: str) -> None:
+    """Calls/s and p99 latency against concurrency, one line per payload size, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    from matplotlib import pyplot
+
+    figure, (rate, tail) = pyplot.subplots(1, 2, figsize=(10, 3.8))
+    for size in sorted({row.payload_bytes for row in rows}):
+        mine = [row for row in rows if row.payload_bytes == size]
+        levels = [row.concurrency for row in mine]
+        rate.plot(levels, [row.calls_per_second for row in mine], marker="o", label=f"{size} B")
+        tail.plot(levels, [row.p99_ms for row in mine], marker="o", label=f"{size} B")
+    rate.set(xlabel="concurrent callers", ylabel="calls/s", title="Throughput")
+    tail.set(xlabel="concurrent callers", ylabel="p99 latency (ms)", yscale="log", title="Latency")
+    rate.legend(title="per tensor")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"bench: {exc}")
             if any(level < 1 for level in levels):
                 parser.error("bench: --concurrency levels must be >= 1")
+            if args.plot and importlib.util.find_spec("matplotlib") is None:
+                parser.error("bench: --plot needs matplotlib (pip install matplotlib)")
             rows = []
             print("| bytes per tensor | concurrency | calls/s | p50 ms | p90 ms | p99 ms | errors |")
             print("|---|---|---|---|---|---|---|")
@@ -157,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"| {row.p90_ms:.3f} | {row.p99_ms:.3f} | {row.errors} |",
                         flush=True,
                     )
+            if args.plot:
+                plot(rows, args.plot)
             if args.csv:
                 with open(args.csv, "w", newline="") as handle:
                     writer = csv.DictWriter(handle, fieldnames=[f.name for f in dataclasses.fields(BenchRow)])
