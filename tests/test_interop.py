@@ -93,10 +93,13 @@ def test_the_node_package_tests_pass_against_a_live_server(node_client: Path, se
 def test_the_node_package_checks_and_carries_the_contract(node_client: Path) -> None:
     result = subprocess.run(["npm", "run", "check"], cwd=node_client, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    # Installed, the package reads its own copy of the .proto: it must be the contract, byte for byte.
-    copy = node_client / "proto" / "distill" / "v1" / "distill.proto"
-    assert copy.read_bytes() == (NODE_DIR.parent.parent / "protos" / "distill" / "v1" / "distill.proto").read_bytes()
     package = json.loads((node_client / "package.json").read_text())
     assert "private" not in package and package["types"] == "distill.d.ts"
-    assert {"distill.js", "distill.d.ts", "proto/", "README.md"} <= set(package["files"])
-    assert all((node_client / name).exists() for name in package["files"])
+    # Packed, the package carries the contract (copied in as it packs, removed after): no path out of it.
+    packed = subprocess.run(
+        ["npm", "pack", "--dry-run", "--json"], cwd=node_client, capture_output=True, text=True, timeout=120
+    )
+    assert packed.returncode == 0, packed.stderr
+    files = {entry["path"] for entry in json.loads(packed.stdout)[0]["files"]}
+    assert {"distill.js", "distill.d.ts", "README.md", "proto/distill/v1/distill.proto"} <= files
+    assert not (node_client / "proto").exists()  # a checkout reads protos/ itself: never a stale copy

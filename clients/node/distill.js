@@ -10,7 +10,10 @@ const protoLoader = require('@grpc/proto-loader');
 const googleProtos = require('google-proto-files');
 const protobuf = require('protobufjs');
 
-const PROTO_ROOT = path.join(__dirname, 'proto'); // a copy of the repository's protos/, kept equal by its tests
+// The contract: the copy packed into the package (npm pack copies protos/ in),
+// else, run from a checkout of the repository, protos/ itself.
+const PACKED = path.join(__dirname, 'proto');
+const PROTO_ROOT = fs.existsSync(PACKED) ? PACKED : path.resolve(__dirname, '..', '..', 'protos');
 const GOOGLE_ROOT = googleProtos.getProtoPath('..'); // holds google/rpc/*.proto
 const LOAD_OPTIONS = { keepCase: true, longs: Number, enums: String, defaults: true, oneofs: true };
 const DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024;
