@@ -3,6 +3,7 @@ health during a drain, and many replicas behind one client."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from distill_client import DistillClient, DistilLoss, LimitExceeded, TeacherStudentMismatch
 from distill_server.config import ServerConfig
+from distill_server.logs import native_record, relay
 from tests.proxy import StallingProxy
 from tests.scraping import scrape
 from tests.servers import InProcessServer, ServerProcess
@@ -129,6 +131,36 @@ def test_json_logs_one_line_per_failed_call(start_server: type[ServerProcess]) -
     assert entry["rpc"] == "ComputeTotalLoss" and entry["code"] == "INVALID_ARGUMENT"
     assert entry["peer"].startswith("ipv4:127.0.0.1:") and entry["level"] == "WARNING"
     assert "3 elements" in entry["error"]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_json_logs_carry_grpc_cores_own_lines(
+    start_server: type[ServerProcess], monkeypatch: pytest.MonkeyPatch, processes: int
+) -> None:
+    monkeypatch.setenv("GRPC_VERBOSITY", "info")  # the core then warns at start that INFO is not for production
+    proc = start_server(["--device", "cpu", "--log-format", "json", "--processes", str(processes)])
+    with DistillClient(proc.target, timeout=10) as client:
+        assert client.compute_total_loss(MSE, [np.ones(3)], [np.zeros(3)]).total == 1.0
+    proc.stop()
+    assert not proc._reader.is_alive()  # the relay ended with the server: the log reached its end
+    lines = [json.loads(line) for line in proc.text().splitlines()]  # every line is JSON
+    core = [line for line in lines if line["logger"] == "grpc" and "not suitable for production" in line["message"]]
+    assert len(core) == processes  # one from each serving process, through the one relay
+    assert core[0]["level"] == "WARNING" and core[0]["source"].startswith("log.cc:")
+    assert sum(line["message"] == "stopped" for line in lines) == processes  # the drain is still logged
+
+
+def test_native_lines_become_records() -> None:
+    record = native_record("E1130 13:11:02.321801   26035 chttp2_transport.cc:1234] frame too large")
+    assert (record.name, record.levelname, record.getMessage()) == ("grpc", "ERROR", "frame too large")
+    assert record.source == "chttp2_transport.cc:1234"  # type: ignore[attr-defined]
+    assert native_record("F1130 13:11:02.3 7 a.cc:1] gone").levelname == "CRITICAL"
+    other = native_record("Fatal Python error: Aborted")
+    assert (other.name, other.levelname, other.getMessage()) == ("stderr", "WARNING", "Fatal Python error: Aborted")
+    sink = io.StringIO()
+    relay(io.BytesIO(b'{"already": "json"}\nI1130 13:11:02.3 7 a.cc:1] hello\n\n'), sink)
+    first, second = (json.loads(line) for line in sink.getvalue().splitlines())
+    assert first == {"already": "json"} and (second["level"], second["message"]) == ("INFO", "hello")
 
 
 def test_health_goes_not_serving_when_draining(start_server: type[ServerProcess]) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import faulthandler
-import json
 import logging
 import os
 import signal
@@ -19,16 +18,16 @@ from typing import Any
 from distill_server import __version__
 from distill_server.backend import BackendError
 from distill_server.config import Limits, ServerConfig
+from distill_server.logs import configure_logging
 from distill_server.server import DistillServer
 from distill_server.supervisor import supervise
 
-__all__ = ["JsonFormatter", "main", "parse_args", "serve", "tls_problem"]
+__all__ = ["main", "parse_args", "serve", "tls_problem"]
 
 log = logging.getLogger("distill_server")
 
 _MIB = 1024 * 1024
 _ENV_PREFIX = "DISTILL_"
-_LOG_FIELDS = ("rpc", "code", "reason", "peer", "error")
 
 
 def _env_name(flag: str) -> str:
@@ -303,46 +302,6 @@ def tls_problem(config: ServerConfig) -> str | None:
     return None
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and a failed
-    call's rpc, code, reason, peer and error."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-            **{name: getattr(record, name) for name in _LOG_FIELDS if hasattr(record, name)},
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-class _ClientGoneFilter(logging.Filter):
-    """gRPC logs at ERROR, with a traceback, an answer it could not send
-    because its client had just gone (a deadline expiring as the answer is
-    written, grpc/grpc#32551): a cancelled call, not a server error. Such
-    records become DEBUG."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "ExecuteBatchError" not in record.getMessage():
-            return True
-        record.levelno, record.levelname, record.exc_info, record.exc_text = logging.DEBUG, "DEBUG", None, None
-        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-
-
-def _configure_logging(level: str, form: str) -> None:
-    logging.getLogger("grpc._cython.cygrpc").addFilter(_ClientGoneFilter())
-    handler = logging.StreamHandler()
-    if form == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
-
-
 async def serve(config: ServerConfig) -> None:
     """Serve until SIGINT or SIGTERM, then drain and return."""
     server = DistillServer(config)
@@ -388,7 +347,7 @@ def _run(config: ServerConfig) -> int:
 
 def _child(config: ServerConfig, level: str, form: str) -> None:
     faulthandler.enable()
-    _configure_logging(level, form)
+    configure_logging(level, form)
     raise SystemExit(_run(config))
 
 
@@ -400,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"distill-server: error: {problem}", file=sys.stderr)
         return 2
     faulthandler.enable()  # a native crash leaves every thread's Python stack on stderr
-    _configure_logging(args.log_level, args.log_format)
+    configure_logging(args.log_level, args.log_format)
     if args.processes > 1:
         return supervise(config, args.processes, args.log_level, args.log_format, target=_child)
     return _run(config)
