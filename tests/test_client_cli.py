@@ -59,6 +59,19 @@ def test_bench_sweeps_sizes_and_concurrency_into_csv(server: InProcessServer, tm
     assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
+def test_bench_shows_a_progress_bar_on_stderr(server: InProcessServer) -> None:
+    args = ["--target", server.target, "bench", "--sizes", "1K", "--concurrency", "1,2", "--seconds", "0.5"]
+    shown = run(*args, "--progress")
+    assert shown.returncode == 0, shown.stderr
+    frames = shown.stderr.replace("\n", "\r").split("\r")
+    assert any(frame.startswith("1024 B x 2: ") for frame in frames)  # which measurement runs
+    assert any("calls=" in frame and "<" in frame for frame in frames)  # calls so far, time left
+    assert frames[-2].startswith("1024 B x 2: 100%") and "1.0/1.0 s" in frames[-2]  # it ends full
+    assert shown.stdout.count("\n") == 4  # the table is undisturbed on stdout
+    quiet = run(*args)  # not a terminal: no bar
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
 @pytest.mark.parametrize(("text", "expected"), [("1K", 1024), ("64M", 64 << 20), ("512", 512), ("1.5KB", 1536)])
 def test_sizes_in_binary_units(text: str, expected: int) -> None:
     assert parse_size(text) == expected

@@ -7,7 +7,9 @@
   for each payload size and number of concurrent callers (threads sharing
   the client), in the manner of Triton's ``perf_analyzer``; a table on
   stdout, printed as each measurement ends, and, with ``--csv``, one row per
-  measurement; ``--plot`` draws them (matplotlib).
+  measurement; ``--plot`` draws them (matplotlib). A progress bar on stderr
+  (on a terminal, or with ``--progress``) shows the measurement under way,
+  its calls so far and the time left.
 
 The target comes from ``--target``, else ``$DISTILL_TARGET``, else
 ``localhost:50051``; the token from ``--token`` or ``$DISTILL_AUTH_TOKEN``.
@@ -23,9 +25,10 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from distill_client.client import DistillClient
 from distill_core.errors import DistillError
@@ -72,10 +75,16 @@ class BenchRow:
     p99_ms: float
 
 
-def bench(client: DistillClient, payload_bytes: int, concurrency: int, seconds: float) -> BenchRow:
+def bench(
+    client: DistillClient,
+    payload_bytes: int,
+    concurrency: int,
+    seconds: float,
+    on_progress: Callable[[float, int], None] | None = None,
+) -> BenchRow:
     """``concurrency`` threads calling ``ComputeTotalLoss`` (one MSE layer,
     two float32 tensors of ``payload_bytes``) for ``seconds`` after a short
-    warm-up."""
+    warm-up; ``on_progress(seconds_elapsed, calls)`` about ten times a second."""
     rng = np.random.default_rng(0)
     teacher = rng.normal(size=max(1, payload_bytes // 4)).astype(np.float32)
     student = teacher + np.float32(1)
@@ -99,12 +108,18 @@ def bench(client: DistillClient, payload_bytes: int, concurrency: int, seconds: 
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        while thread.is_alive():
+            thread.join(0.1)
+            if on_progress is not None:
+                on_progress(min(time.perf_counter() - start, seconds), sum(map(len, latencies)))
     elapsed = time.perf_counter() - start
     times = np.array([t for per_thread in latencies for t in per_thread]) * 1e3
     p50, p90, p99 = np.percentile(times, [50, 90, 99]) if times.size else (np.nan, np.nan, np.nan)
     rate = times.size / elapsed
     return BenchRow(payload_bytes, concurrency, int(times.size), sum(errors), rate, float(p50), float(p90), float(p99))
+
+
+_BAR = "{desc}{percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}{postfix}]"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -126,6 +141,11 @@ def _parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--csv", help="also write the rows to this CSV file")
     bench_parser.add_argument(
         "--plot", help="also draw calls/s and p99 against concurrency, per size, as a PNG (needs matplotlib)"
+    )
+    bench_parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="a progress bar on stderr [default: when stderr is a terminal]",
     )
     return parser
 
@@ -174,17 +194,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.plot and importlib.util.find_spec("matplotlib") is None:
                 parser.error("bench: --plot needs matplotlib (pip install matplotlib)")
             rows = []
-            print("| bytes per tensor | concurrency | calls/s | p50 ms | p90 ms | p99 ms | errors |")
-            print("|---|---|---|---|---|---|---|")
-            for size in sizes:
-                for level in levels:
-                    row = bench(client, size, level, args.seconds)
+            print("| bytes per tensor | concurrency | calls/s | p50 ms | p90 ms | p99 ms | errors |", flush=True)
+            print("|---|---|---|---|---|---|---|", flush=True)
+            total = len(sizes) * len(levels) * args.seconds
+            disable = None if args.progress is None else not args.progress  # None: a terminal only
+            with tqdm(total=total, unit="s", file=sys.stderr, disable=disable, bar_format=_BAR) as bar:
+                for done, (size, level) in enumerate((size, level) for size in sizes for level in levels):
+                    bar.set_description(f"{size} B x {level}")
+
+                    def progress(elapsed: float, calls: int, base: float = done * args.seconds) -> None:
+                        bar.n = base + elapsed
+                        bar.set_postfix(calls=calls, refresh=False)
+                        bar.refresh()
+
+                    row = bench(client, size, level, args.seconds, on_progress=progress)
                     rows.append(row)
-                    print(
+                    bar.write(
                         f"| {row.payload_bytes} | {row.concurrency} | {row.calls_per_second:.1f} | {row.p50_ms:.3f} "
                         f"| {row.p90_ms:.3f} | {row.p99_ms:.3f} | {row.errors} |",
-                        flush=True,
+                        file=sys.stdout,
                     )
+                    sys.stdout.flush()
             if args.plot:
                 plot(rows, args.plot)
             if args.csv:
