@@ -258,7 +258,9 @@ def losses(draw: st.DrawFn, hostile: bool) -> pb.Loss:
     parameters from the tiny to the huge)."""
     loss = pb.Loss()
     kinds = ("mse", "cosine", "kl", "combined")
-    kind = draw(st.sampled_from((*kinds, "none") if hostile else kinds))
+    # The batch losses need shapes of their own (a batch axis; attention transfer's spatial axes): hostile only.
+    batch = ("similarity_preserving", "linear_cka", "pkt", "attention_transfer")
+    kind = draw(st.sampled_from((*kinds, *batch, "none") if hostile else kinds))
     temperature = _floats() if hostile and _hostile(draw, 30) else _temperatures()
     if hostile and _hostile(draw, 30):
         factor = _floats()
@@ -275,6 +277,15 @@ def losses(draw: st.DrawFn, hostile: bool) -> pb.Loss:
         params.kl_weight, params.mse_weight, params.temperature = draw(st.tuples(factor, factor, temperature))
         if _hostile(draw, 20):  # no term at all: a loss (and gradient) of zero
             params.kl_weight = params.mse_weight = 0.0
+    elif kind == "similarity_preserving":
+        loss.similarity_preserving.normalization = draw(_enum(2))
+    elif kind == "linear_cka":
+        loss.linear_cka.SetInParent()
+    elif kind == "pkt":
+        loss.pkt.eps = draw(st.sampled_from((0.0, 1e-7, 1e-3)) if draw(st.booleans()) else _floats())
+    elif kind == "attention_transfer":
+        loss.attention_transfer.p = draw(st.sampled_from((0.0, 1.0, 2.0, 3.5)) if draw(st.booleans()) else _floats())
+        loss.attention_transfer.mode = draw(_enum(2))
     loss.reduction = draw(_enum(2)) if hostile and _hostile(draw, 20) else draw(st.sampled_from((0, 1, 2)))
     return loss
 

@@ -240,7 +240,8 @@ def test_server_info(client: DistillClient) -> None:
     info = client.server_info()
     assert info.device == "cpu"
     assert info.supported_dtypes == ["DTYPE_FLOAT32", "DTYPE_FLOAT16", "DTYPE_BFLOAT16", "DTYPE_FLOAT64"]
-    assert info.supported_loss_kinds == [LossKind.MSE, LossKind.COSINE, LossKind.KL_DIVERGENCE, LossKind.COMBINED]
+    assert info.supported_loss_kinds == list(LossKind)
+    assert {LossKind.SIMILARITY_PRESERVING, LossKind.LINEAR_CKA, LossKind.PKT} <= set(info.supported_loss_kinds)
     assert info.max_message_bytes == 256 * 1024 * 1024
     assert info.version == distill_server.__version__
 

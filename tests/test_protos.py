@@ -35,8 +35,10 @@ def _elements(proto: descriptor_pb2.FileDescriptorProto) -> dict[tuple[int, ...]
         found[path] = m.name
         for i, f in enumerate(m.field):
             found[(*path, 2, i)] = f"{m.name}.{f.name}"
+        synthetic = {f.oneof_index for f in m.field if f.proto3_optional}  # protoc's, for `optional` fields
         for i, o in enumerate(m.oneof_decl):
-            found[(*path, 8, i)] = f"{m.name}.{o.name}"
+            if i not in synthetic:
+                found[(*path, 8, i)] = f"{m.name}.{o.name}"
         for i, nested in enumerate(m.nested_type):
             message((*path, 3, i), nested)
         for i, e in enumerate(m.enum_type):

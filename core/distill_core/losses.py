@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,17 @@ from distill.v1 import distill_pb2 as pb
 from distill_core import tensors
 from distill_core.errors import InvalidArgument
 
-__all__ = ["DistilLoss", "LayerLoss", "LossKind", "Reduction"]
+__all__ = [
+    "MAX_EXPONENT",
+    "MAX_ORDER",
+    "OPTIONS",
+    "DistilLoss",
+    "LayerLoss",
+    "LossKind",
+    "Option",
+    "Reduction",
+    "option_problem",
+]
 
 
 class LossKind(enum.Enum):
@@ -23,6 +34,13 @@ class LossKind(enum.Enum):
     COSINE = pb.LOSS_KIND_COSINE
     KL_DIVERGENCE = pb.LOSS_KIND_KL_DIVERGENCE
     COMBINED = pb.LOSS_KIND_COMBINED_KL_MSE
+    SIMILARITY_PRESERVING = pb.LOSS_KIND_SIMILARITY_PRESERVING
+    LINEAR_CKA = pb.LOSS_KIND_LINEAR_CKA
+    PKT = pb.LOSS_KIND_PKT
+    ATTENTION_TRANSFER = pb.LOSS_KIND_ATTENTION_TRANSFER
+    CORRELATION_CONGRUENCE = pb.LOSS_KIND_CORRELATION_CONGRUENCE
+    NST = pb.LOSS_KIND_NST
+    RKD = pb.LOSS_KIND_RKD
 
 
 class Reduction(enum.Enum):
@@ -31,7 +49,8 @@ class Reduction(enum.Enum):
     ``FLATTEN`` (the reference's behaviour): each tensor is one flat vector.
     ``PER_ROW`` (torchdistill, TextBrewer): cosine and KL over the last axis,
     averaged over the rows; teacher and student must agree in shape. MSE is
-    the same in both.
+    the same in both. The batch losses (:attr:`DistilLoss.batched`) take the
+    first axis as the batch and use ``FLATTEN`` only.
     """
 
     FLATTEN = pb.REDUCTION_FLATTEN
@@ -44,19 +63,115 @@ _ONEOF = {
     LossKind.COSINE: "cosine",
     LossKind.KL_DIVERGENCE: "kl_divergence",
     LossKind.COMBINED: "combined_kl_mse",
+    LossKind.SIMILARITY_PRESERVING: "similarity_preserving",
+    LossKind.LINEAR_CKA: "linear_cka",
+    LossKind.PKT: "pkt",
+    LossKind.ATTENTION_TRANSFER: "attention_transfer",
+    LossKind.CORRELATION_CONGRUENCE: "correlation_congruence",
+    LossKind.NST: "nst",
+    LossKind.RKD: "rkd",
 }
 _KINDS = {name: kind for kind, name in _ONEOF.items()}
 _CONSTRUCTORS = {**_ONEOF, LossKind.COMBINED: "combined"}
 _REDUCTIONS = {pb.REDUCTION_UNSPECIFIED: Reduction.FLATTEN, **{r.value: r for r in Reduction}}
+
+MAX_ORDER = 8
+"""The highest Taylor order (correlation congruence) or kernel degree (NST):
+each order is a pass over ``batch x batch`` (or ``channels x channels``)
+values, and the papers use 2."""
+
+MAX_EXPONENT = 16
+"""The highest attention-transfer exponent ``p`` (the paper uses 1, 2 and 4):
+``|f|^p`` stays finite in float64 up to ``|f|`` of 1e9 at 16."""
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(value: Any) -> bool:
+    return _number(value) and value > 0
+
+
+def _non_negative(value: Any) -> bool:
+    return _number(value) and value >= 0
+
+
+def _order(value: Any) -> bool:
+    return _number(value) and float(value).is_integer() and 1 <= value <= MAX_ORDER
+
+
+def _exponent(value: Any) -> bool:
+    return _number(value) and 1 <= value <= MAX_EXPONENT
+
+
+_WORDS: dict[Callable[[Any], bool], str] = {
+    _positive: "a finite number > 0",
+    _non_negative: "a finite number >= 0",
+    _order: f"a whole number from 1 to {MAX_ORDER}",
+    _exponent: f"a number from 1 to {MAX_EXPONENT}",
+}
+
+
+def _plain(value: Any) -> Any:
+    """An option as the contract holds it: names in lower case."""
+    return value.lower() if isinstance(value, str) else value
+
+
+Option = tuple[Any, "dict[str, int] | Callable[[Any], bool]"]
+"""A batch loss option's default, and its values (name -> the proto's enum
+number) or the test a number passes."""
+
+_GRAM: dict[str, int] = {"l2": pb.GRAM_NORMALIZATION_L2, "l1": pb.GRAM_NORMALIZATION_L1}
+_FORMULATIONS: dict[str, int] = {"paper": pb.FORMULATION_PAPER, "code": pb.FORMULATION_CODE}
+_KERNELS: dict[str, int] = {"gaussian": pb.CORRELATION_KERNEL_GAUSSIAN, "bilinear": pb.CORRELATION_KERNEL_BILINEAR}
+OPTIONS: dict[LossKind, dict[str, Option]] = {
+    LossKind.SIMILARITY_PRESERVING: {"normalization": ("l2", _GRAM)},
+    LossKind.LINEAR_CKA: {},
+    LossKind.PKT: {"eps": (1e-7, _positive), "mode": ("paper", _FORMULATIONS)},
+    LossKind.ATTENTION_TRANSFER: {"p": (2.0, _exponent), "mode": ("paper", _FORMULATIONS)},
+    LossKind.CORRELATION_CONGRUENCE: {
+        "kernel": ("gaussian", _KERNELS),
+        "gamma": (0.4, _positive),
+        "max_p": (2, _order),
+        "mode": ("paper", _FORMULATIONS),
+    },
+    LossKind.NST: {"degree": (2, _order), "c": (0.0, _non_negative)},
+    LossKind.RKD: {"distance_weight": (1.0, _non_negative), "angle_weight": (2.0, _non_negative)},
+}
+"""The batch losses and their options: the contract's, checked by clients and servers alike."""
+
+
+def option_problem(kind: LossKind, params: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(option, what is wrong)`` with a batch loss's options, or None when they are valid."""
+    known = OPTIONS[kind]
+    for name in params:
+        if name not in known:
+            return name, f"{_ONEOF[kind]} has no option {name!r}; its options: {', '.join(known) or 'none'}"
+    for name, value in params.items():
+        allowed = known[name][1]
+        if isinstance(allowed, dict):
+            if value not in allowed:
+                return name, f"{name} is {value!r}; expected one of {', '.join(map(repr, allowed))}"
+        elif not allowed(value):
+            return name, f"{name} is {value!r}; expected {_WORDS[allowed]}"
+    if kind is LossKind.RKD:
+        weights = {name: default for name, (default, _) in known.items()} | dict(params)
+        if not any(weights.values()):
+            return "angle_weight", "distance_weight and angle_weight are both 0; expected at least one > 0"
+    return None
 
 
 @dataclass(frozen=True)
 class DistilLoss:
     """How one layer compares teacher and student features (immutable).
 
-    Build one with :meth:`mse`, :meth:`cosine`, :meth:`kl_divergence` or
-    :meth:`combined`; parameters are checked at once, as the server checks
-    them (finite weights, a finite temperature > 0).
+    Build one with a constructor: :meth:`mse`, :meth:`cosine`,
+    :meth:`kl_divergence`, :meth:`combined` (element-wise: teacher and
+    student of one size), or the batch losses :meth:`similarity_preserving`,
+    :meth:`linear_cka`, :meth:`pkt` and :meth:`attention_transfer` (samples
+    compared with samples: the widths may differ). Parameters are checked at
+    once, as the server checks them.
     """
 
     kind: LossKind
@@ -64,6 +179,8 @@ class DistilLoss:
     kl_weight: float = 0.0
     mse_weight: float = 0.0
     reduction: Reduction = Reduction.FLATTEN
+    options: tuple[tuple[str, Any], ...] = ()
+    """A batch loss's options as ``(name, value)`` pairs (see :attr:`params`)."""
 
     def __post_init__(self) -> None:
         prefix = _ONEOF[self.kind]
@@ -80,6 +197,33 @@ class DistilLoss:
                         f"{name} is {getattr(self, name)}; expected a finite value",
                         field=f"{prefix}.{name}",
                     )
+        if self.batched:
+            self._check_options(prefix)
+            object.__setattr__(self, "options", tuple(self.params.items()))  # every option, defaults too
+
+    def _check_options(self, prefix: str) -> None:
+        if self.reduction is not Reduction.FLATTEN:
+            raise InvalidArgument(
+                f"reduction is {self.reduction.name}; {prefix} takes the first axis as the batch: "
+                "expected REDUCTION_FLATTEN (or unset)",
+                field="reduction",
+            )
+        object.__setattr__(self, "options", tuple((name, _plain(value)) for name, value in self.options))
+        problem = option_problem(self.kind, dict(self.options))
+        if problem is not None:
+            option, what = problem
+            raise InvalidArgument(what, field=f"{prefix}.{option}")
+
+    @property
+    def batched(self) -> bool:
+        """Whether the loss compares the samples of a batch (first axis) with
+        each other, so the teacher's and the student's widths may differ."""
+        return self.kind in OPTIONS
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """A batch loss's options, defaults filled in."""
+        return {name: default for name, (default, _) in OPTIONS.get(self.kind, {}).items()} | dict(self.options)
 
     @classmethod
     def mse(cls, *, reduction: Reduction = Reduction.FLATTEN) -> DistilLoss:
@@ -109,13 +253,60 @@ class DistilLoss:
             reduction=reduction,
         )
 
+    @classmethod
+    def similarity_preserving(cls, *, normalization: str = "l2") -> DistilLoss:
+        """Similarity-preserving KD (Tung and Mori, 2019): the batch Gram
+        matrices ``X X^T``, rows normalized (``"l2"``, the paper; ``"l1"``,
+        torchdistill's ``SPKDLoss``), ``||G_t - G_s||_F^2 / batch^2``."""
+        return cls(LossKind.SIMILARITY_PRESERVING, options=(("normalization", normalization),))
+
+    @classmethod
+    def linear_cka(cls) -> DistilLoss:
+        """``1 - CKA(X_t, X_s)``: linear centred kernel alignment of the batches (Kornblith et al., 2019)."""
+        return cls(LossKind.LINEAR_CKA)
+
+    @classmethod
+    def pkt(cls, *, eps: float = 1e-7, mode: str = "paper") -> DistilLoss:
+        """Probabilistic knowledge transfer (Passalis and Tefas, 2018): KL of
+        the batch's cosine-kernel conditional probabilities (``mode="code"``:
+        torchdistill's ``PKTLoss``)."""
+        return cls(LossKind.PKT, options=(("eps", eps), ("mode", mode)))
+
+    @classmethod
+    def attention_transfer(cls, *, p: float = 2.0, mode: str = "paper") -> DistilLoss:
+        """Attention transfer (Zagoruyko and Komodakis, 2017): the normalized
+        maps ``sum_c |x_c|^p`` compared (``mode="code"``: torchdistill's
+        ``ATLoss`` default); channel counts may differ."""
+        return cls(LossKind.ATTENTION_TRANSFER, options=(("p", p), ("mode", mode)))
+
+    @classmethod
+    def correlation_congruence(
+        cls, *, kernel: str = "gaussian", gamma: float = 0.4, max_p: int = 2, mode: str = "paper"
+    ) -> DistilLoss:
+        """Correlation congruence (Peng et al., 2019): the batch's kernel
+        matrices compared (``mode="code"``: torchdistill's ``CCKDLoss``)."""
+        options = (("kernel", kernel), ("gamma", gamma), ("max_p", max_p), ("mode", mode))
+        return cls(LossKind.CORRELATION_CONGRUENCE, options=options)
+
+    @classmethod
+    def nst(cls, *, degree: int = 2, c: float = 0.0) -> DistilLoss:
+        """Neural selectivity transfer (Huang and Wang, 2017): squared MMD of
+        the channel maps with the kernel ``(x . y + c)^degree``."""
+        return cls(LossKind.NST, options=(("degree", degree), ("c", c)))
+
+    @classmethod
+    def rkd(cls, *, distance_weight: float = 1.0, angle_weight: float = 2.0) -> DistilLoss:
+        """Relational KD (Park et al., 2019): the batch's normalized distances
+        and triplet angles compared (smooth L1)."""
+        return cls(LossKind.RKD, options=(("distance_weight", distance_weight), ("angle_weight", angle_weight)))
+
     def __repr__(self) -> str:
         if self.kind is LossKind.KL_DIVERGENCE:
             args = [repr(self.temperature)]
         elif self.kind is LossKind.COMBINED:
             args = [repr(self.kl_weight), repr(self.mse_weight), repr(self.temperature)]
         else:
-            args = []
+            args = [f"{name}={value!r}" for name, value in self.options]
         if self.reduction is not Reduction.FLATTEN:
             args.append(f"reduction=Reduction.{self.reduction.name}")
         return f"DistilLoss.{_CONSTRUCTORS[self.kind]}({', '.join(args)})"
@@ -123,15 +314,19 @@ class DistilLoss:
     def to_proto(self) -> pb.Loss:
         """The Loss message of this loss."""
         message = pb.Loss(reduction=self.reduction.value)
-        if self.kind is LossKind.MSE:
-            message.mse.SetInParent()
-        elif self.kind is LossKind.COSINE:
-            message.cosine.SetInParent()
-        elif self.kind is LossKind.KL_DIVERGENCE:
+        if self.kind is LossKind.KL_DIVERGENCE:
             message.kl_divergence.temperature = self.temperature
-        else:
+        elif self.kind is LossKind.COMBINED:
             params = message.combined_kl_mse
             params.kl_weight, params.mse_weight, params.temperature = self.kl_weight, self.mse_weight, self.temperature
+        else:
+            part = getattr(message, _ONEOF[self.kind])
+            part.SetInParent()
+            for name, value in self.options:
+                allowed = OPTIONS[self.kind][name][1]
+                if isinstance(allowed, dict):
+                    value = allowed[value]
+                setattr(part, name, int(value) if allowed is _order else value)
         return message
 
     @classmethod
@@ -144,7 +339,7 @@ class DistilLoss:
         """
         name = message.WhichOneof("kind")
         if name is None:
-            raise InvalidArgument("the loss has no kind; set one of mse, cosine, kl_divergence, combined_kl_mse")
+            raise InvalidArgument(f"the loss has no kind; set one of {', '.join(_KINDS)}")
         kind = _KINDS[name]
         if message.reduction not in _REDUCTIONS:
             raise InvalidArgument(
@@ -163,7 +358,20 @@ class DistilLoss:
                 mse_weight=params.mse_weight,
                 reduction=reduction,
             )
-        return cls(kind, reduction=reduction)
+        part = getattr(message, name)
+        options = []
+        for option, (default, allowed) in OPTIONS.get(kind, {}).items():
+            if not isinstance(allowed, dict):  # a number: proto3 optional, so unset is not 0
+                options.append((option, getattr(part, option) if part.HasField(option) else default))
+                continue
+            number = getattr(part, option)
+            names = {value: text for text, value in allowed.items()}
+            if number != 0 and number not in names:
+                raise InvalidArgument(
+                    f"{option} is {number}; expected one of {sorted(names)} (or unset)", field=f"{name}.{option}"
+                )
+            options.append((option, names.get(number, default)))
+        return cls(kind, reduction=reduction, options=tuple(options))
 
 
 @dataclass(frozen=True)

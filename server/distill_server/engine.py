@@ -23,6 +23,12 @@ On a GPU the same sums are taken by fused CUDA kernels (one launch per pass
 over all rows, :mod:`distill_server.kernels`, behind :class:`_CudaPass`);
 from the sums on, the math is this module's, for both devices.
 
+The batch losses (similarity-preserving, CKA, PKT, attention transfer)
+compare samples with samples, so they need whole tensors: their math is in
+:mod:`distill_server.relational`, on float64 copies within
+:data:`BATCH_MAX_ELEMENTS` and its batch limits, and this module stores
+their gradients like every other.
+
 Every block loop goes through :func:`_blocks`, which runs the check that
 :func:`interruptible` installs, so a server can stop abandoned work between
 blocks (on a GPU, between passes).
@@ -45,13 +51,16 @@ import numpy as np
 from distill_core.errors import (
     DimensionMismatch,
     EmptyInput,
+    InvalidArgument,
     LayerIndexOutOfRange,
+    LimitExceeded,
     LossOverflow,
     NonFiniteInput,
     ShapeMismatch,
     TeacherStudentMismatch,
 )
 from distill_core.losses import DistilLoss, LayerLoss, LossKind, Reduction
+from distill_server import relational
 from distill_server.backend import array_module, block_size
 
 __all__ = [
@@ -531,6 +540,8 @@ def _check() -> None:
 
 def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None, out: Any = None) -> tuple[float, Any]:
     """:func:`evaluate`, raising :class:`_GradientOverflow` for a gradient beyond the student's dtype."""
+    if loss.batched:
+        return _evaluate_batch(loss, teacher, student, scale, out)
     xp = array_module(teacher)
     terms = _Terms.of(loss)
     n = int(teacher.size)
@@ -580,6 +591,62 @@ def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None,
     return value, out
 
 
+BATCH_MAX_ELEMENTS = 1 << 25
+"""The most elements a tensor of a batch loss may have: those losses work on
+float64 copies of whole tensors (256 MiB each at this size), not in blocks."""
+
+
+def _evaluate_batch(
+    loss: DistilLoss, teacher: Any, student: Any, scale: float | None, out: Any = None
+) -> tuple[float, Any]:
+    """A batch loss (:mod:`distill_server.relational`) and its gradient in the student's dtype."""
+    xp = array_module(teacher)
+    value, grad = relational.LOSSES[loss.kind.name.lower()].evaluate(
+        xp, teacher, student, loss.params, scale is not None
+    )
+    if scale is None or grad is None or not math.isfinite(value):
+        return value, None
+    grad *= scale
+    peak = float(xp.abs(grad).max())
+    if _overflows(peak, student.dtype):
+        raise _GradientOverflow(peak, student.dtype)
+    if out is None:
+        out = xp.empty(student.shape, dtype=student.dtype)
+    if xp is np:
+        _store(out, grad)
+    else:
+        out[...] = grad
+    return value, out
+
+
+def _check_batch(index: int, loss: DistilLoss, teacher: Any, student: Any, fields: tuple[str, str]) -> None:
+    """A batch loss's inputs: within the size limits, and shapes it can compare (any widths)."""
+    if student.size == 0:
+        raise EmptyInput(f"layer {index}: {fields[1]} is empty", layer=index, field=fields[1])
+    name = loss.kind.name.lower()
+    for field, array in zip(fields, (teacher, student), strict=True):
+        if array.size > BATCH_MAX_ELEMENTS:
+            raise LimitExceeded(
+                f"layer {index}: {field} has {array.size} elements; {name} takes at most {BATCH_MAX_ELEMENTS}",
+                layer=index,
+                field=field,
+                limit=BATCH_MAX_ELEMENTS,
+                got=array.size,
+            )
+    batch, limit = int(teacher.shape[0]) if teacher.ndim else 1, relational.MAX_BATCH[name]
+    if batch > limit:
+        raise LimitExceeded(
+            f"layer {index}: a batch of {batch} for {name}, which takes at most {limit} samples",
+            layer=index,
+            field=f"{fields[0]}.shape",
+            limit=limit,
+            got=batch,
+        )
+    problem = relational.LOSSES[name].check(tuple(teacher.shape), tuple(student.shape), loss.params)
+    if problem is not None:
+        raise ShapeMismatch(f"layer {index}: {loss!r}: {problem}", layer=index, field=f"{fields[1]}.shape")
+
+
 # ---------------------------------------------------------------- one layer
 
 
@@ -588,9 +655,9 @@ def evaluate(loss: DistilLoss, teacher: Any, student: Any, gradient_scale: float
     ``gradient_scale * d loss / d student`` in the student's shape and dtype.
 
     The inputs are non-empty arrays of equal size (of equal shape for
-    ``PER_ROW``). The value may be non-finite when the inputs are, and then
-    no gradient is returned; :func:`layer_loss` and :func:`total_loss` turn
-    that into an error.
+    ``PER_ROW``; for a batch loss, shapes its ``check`` accepts). The value
+    may be non-finite when the inputs are, and then no gradient is returned;
+    :func:`layer_loss` and :func:`total_loss` turn that into an error.
 
     Raises:
         LossOverflow: the value is finite but the gradient does not fit the
@@ -631,6 +698,9 @@ def _check_pair(index: int, loss: DistilLoss, teacher: Any, student: Any, fields
     """The reference's checks in its order (empty teacher, lengths), then shapes for PER_ROW."""
     if teacher.size == 0:
         raise EmptyInput(f"layer {index}: {fields[0]} is empty", layer=index, field=fields[0])
+    if loss.batched:
+        _check_batch(index, loss, teacher, student, fields)
+        return
     if teacher.size != student.size:
         raise TeacherStudentMismatch(
             f"layer {index}: {fields[0]} has {teacher.size} elements but {fields[1]} has {student.size}",
@@ -659,6 +729,9 @@ def _compute(
 ) -> LayerResult:
     try:
         value, grad = _evaluate(layer.loss, teacher, student, layer.weight if gradient else None, out)
+    except relational.Undefined as exc:
+        field = fields[exc.role == "student"]
+        raise InvalidArgument(f"layer {index}: {exc}", layer=index, field=f"{field}.data") from None
     except _GradientOverflow as exc:
         raise LossOverflow(
             f"layer {index}: the gradient for {fields[1]} of the {layer.loss!r} loss times weight {layer.weight} "

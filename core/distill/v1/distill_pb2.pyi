@@ -23,6 +23,31 @@ class LossKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LOSS_KIND_COSINE: _ClassVar[LossKind]
     LOSS_KIND_KL_DIVERGENCE: _ClassVar[LossKind]
     LOSS_KIND_COMBINED_KL_MSE: _ClassVar[LossKind]
+    LOSS_KIND_SIMILARITY_PRESERVING: _ClassVar[LossKind]
+    LOSS_KIND_LINEAR_CKA: _ClassVar[LossKind]
+    LOSS_KIND_PKT: _ClassVar[LossKind]
+    LOSS_KIND_ATTENTION_TRANSFER: _ClassVar[LossKind]
+    LOSS_KIND_CORRELATION_CONGRUENCE: _ClassVar[LossKind]
+    LOSS_KIND_NST: _ClassVar[LossKind]
+    LOSS_KIND_RKD: _ClassVar[LossKind]
+
+class GramNormalization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GRAM_NORMALIZATION_UNSPECIFIED: _ClassVar[GramNormalization]
+    GRAM_NORMALIZATION_L2: _ClassVar[GramNormalization]
+    GRAM_NORMALIZATION_L1: _ClassVar[GramNormalization]
+
+class Formulation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FORMULATION_UNSPECIFIED: _ClassVar[Formulation]
+    FORMULATION_PAPER: _ClassVar[Formulation]
+    FORMULATION_CODE: _ClassVar[Formulation]
+
+class CorrelationKernel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CORRELATION_KERNEL_UNSPECIFIED: _ClassVar[CorrelationKernel]
+    CORRELATION_KERNEL_GAUSSIAN: _ClassVar[CorrelationKernel]
+    CORRELATION_KERNEL_BILINEAR: _ClassVar[CorrelationKernel]
 
 class Reduction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -39,6 +64,22 @@ LOSS_KIND_MSE: LossKind
 LOSS_KIND_COSINE: LossKind
 LOSS_KIND_KL_DIVERGENCE: LossKind
 LOSS_KIND_COMBINED_KL_MSE: LossKind
+LOSS_KIND_SIMILARITY_PRESERVING: LossKind
+LOSS_KIND_LINEAR_CKA: LossKind
+LOSS_KIND_PKT: LossKind
+LOSS_KIND_ATTENTION_TRANSFER: LossKind
+LOSS_KIND_CORRELATION_CONGRUENCE: LossKind
+LOSS_KIND_NST: LossKind
+LOSS_KIND_RKD: LossKind
+GRAM_NORMALIZATION_UNSPECIFIED: GramNormalization
+GRAM_NORMALIZATION_L2: GramNormalization
+GRAM_NORMALIZATION_L1: GramNormalization
+FORMULATION_UNSPECIFIED: Formulation
+FORMULATION_PAPER: Formulation
+FORMULATION_CODE: Formulation
+CORRELATION_KERNEL_UNSPECIFIED: CorrelationKernel
+CORRELATION_KERNEL_GAUSSIAN: CorrelationKernel
+CORRELATION_KERNEL_BILINEAR: CorrelationKernel
 REDUCTION_UNSPECIFIED: Reduction
 REDUCTION_FLATTEN: Reduction
 REDUCTION_PER_ROW: Reduction
@@ -80,7 +121,7 @@ class CudaIpcRef(_message.Message):
     def __init__(self, handle: _Optional[bytes] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ..., device_uuid: _Optional[str] = ...) -> None: ...
 
 class Loss(_message.Message):
-    __slots__ = ("mse", "cosine", "kl_divergence", "combined_kl_mse", "reduction")
+    __slots__ = ("mse", "cosine", "kl_divergence", "combined_kl_mse", "similarity_preserving", "linear_cka", "pkt", "attention_transfer", "correlation_congruence", "nst", "rkd", "reduction")
     class Mse(_message.Message):
         __slots__ = ()
         def __init__(self) -> None: ...
@@ -101,17 +142,78 @@ class Loss(_message.Message):
         mse_weight: float
         temperature: float
         def __init__(self, kl_weight: _Optional[float] = ..., mse_weight: _Optional[float] = ..., temperature: _Optional[float] = ...) -> None: ...
+    class SimilarityPreserving(_message.Message):
+        __slots__ = ("normalization",)
+        NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+        normalization: GramNormalization
+        def __init__(self, normalization: _Optional[_Union[GramNormalization, str]] = ...) -> None: ...
+    class LinearCka(_message.Message):
+        __slots__ = ()
+        def __init__(self) -> None: ...
+    class Pkt(_message.Message):
+        __slots__ = ("eps", "mode")
+        EPS_FIELD_NUMBER: _ClassVar[int]
+        MODE_FIELD_NUMBER: _ClassVar[int]
+        eps: float
+        mode: Formulation
+        def __init__(self, eps: _Optional[float] = ..., mode: _Optional[_Union[Formulation, str]] = ...) -> None: ...
+    class AttentionTransfer(_message.Message):
+        __slots__ = ("p", "mode")
+        P_FIELD_NUMBER: _ClassVar[int]
+        MODE_FIELD_NUMBER: _ClassVar[int]
+        p: float
+        mode: Formulation
+        def __init__(self, p: _Optional[float] = ..., mode: _Optional[_Union[Formulation, str]] = ...) -> None: ...
+    class CorrelationCongruence(_message.Message):
+        __slots__ = ("kernel", "gamma", "max_p", "mode")
+        KERNEL_FIELD_NUMBER: _ClassVar[int]
+        GAMMA_FIELD_NUMBER: _ClassVar[int]
+        MAX_P_FIELD_NUMBER: _ClassVar[int]
+        MODE_FIELD_NUMBER: _ClassVar[int]
+        kernel: CorrelationKernel
+        gamma: float
+        max_p: int
+        mode: Formulation
+        def __init__(self, kernel: _Optional[_Union[CorrelationKernel, str]] = ..., gamma: _Optional[float] = ..., max_p: _Optional[int] = ..., mode: _Optional[_Union[Formulation, str]] = ...) -> None: ...
+    class Nst(_message.Message):
+        __slots__ = ("degree", "c")
+        DEGREE_FIELD_NUMBER: _ClassVar[int]
+        C_FIELD_NUMBER: _ClassVar[int]
+        degree: int
+        c: float
+        def __init__(self, degree: _Optional[int] = ..., c: _Optional[float] = ...) -> None: ...
+    class Rkd(_message.Message):
+        __slots__ = ("distance_weight", "angle_weight")
+        DISTANCE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+        ANGLE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+        distance_weight: float
+        angle_weight: float
+        def __init__(self, distance_weight: _Optional[float] = ..., angle_weight: _Optional[float] = ...) -> None: ...
     MSE_FIELD_NUMBER: _ClassVar[int]
     COSINE_FIELD_NUMBER: _ClassVar[int]
     KL_DIVERGENCE_FIELD_NUMBER: _ClassVar[int]
     COMBINED_KL_MSE_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_PRESERVING_FIELD_NUMBER: _ClassVar[int]
+    LINEAR_CKA_FIELD_NUMBER: _ClassVar[int]
+    PKT_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_TRANSFER_FIELD_NUMBER: _ClassVar[int]
+    CORRELATION_CONGRUENCE_FIELD_NUMBER: _ClassVar[int]
+    NST_FIELD_NUMBER: _ClassVar[int]
+    RKD_FIELD_NUMBER: _ClassVar[int]
     REDUCTION_FIELD_NUMBER: _ClassVar[int]
     mse: Loss.Mse
     cosine: Loss.Cosine
     kl_divergence: Loss.KlDivergence
     combined_kl_mse: Loss.CombinedKlMse
+    similarity_preserving: Loss.SimilarityPreserving
+    linear_cka: Loss.LinearCka
+    pkt: Loss.Pkt
+    attention_transfer: Loss.AttentionTransfer
+    correlation_congruence: Loss.CorrelationCongruence
+    nst: Loss.Nst
+    rkd: Loss.Rkd
     reduction: Reduction
-    def __init__(self, mse: _Optional[_Union[Loss.Mse, _Mapping]] = ..., cosine: _Optional[_Union[Loss.Cosine, _Mapping]] = ..., kl_divergence: _Optional[_Union[Loss.KlDivergence, _Mapping]] = ..., combined_kl_mse: _Optional[_Union[Loss.CombinedKlMse, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ...) -> None: ...
+    def __init__(self, mse: _Optional[_Union[Loss.Mse, _Mapping]] = ..., cosine: _Optional[_Union[Loss.Cosine, _Mapping]] = ..., kl_divergence: _Optional[_Union[Loss.KlDivergence, _Mapping]] = ..., combined_kl_mse: _Optional[_Union[Loss.CombinedKlMse, _Mapping]] = ..., similarity_preserving: _Optional[_Union[Loss.SimilarityPreserving, _Mapping]] = ..., linear_cka: _Optional[_Union[Loss.LinearCka, _Mapping]] = ..., pkt: _Optional[_Union[Loss.Pkt, _Mapping]] = ..., attention_transfer: _Optional[_Union[Loss.AttentionTransfer, _Mapping]] = ..., correlation_congruence: _Optional[_Union[Loss.CorrelationCongruence, _Mapping]] = ..., nst: _Optional[_Union[Loss.Nst, _Mapping]] = ..., rkd: _Optional[_Union[Loss.Rkd, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ...) -> None: ...
 
 class Layer(_message.Message):
     __slots__ = ("weight", "loss", "name")
