@@ -4,10 +4,15 @@ A fixed teacher MLP maps synthetic inputs through two hidden layers to
 logits. A student with half the width learns to reproduce the teacher's
 second hidden layer (MSE, through a linear adapter as in FitNets) and its
 logits (per-row KL at temperature 2): the only training signal is the loss
-and gradients that DistillService returns.
+and gradients that DistillService returns. With ``--relational`` a student a
+quarter of the width has no adapter: it learns the teacher's hidden layer
+through a batch loss (similarity-preserving distillation compares how the
+samples of a batch relate, whatever the widths), and the summary reports the
+linear CKA of the two feature sets, which rises towards 1 as it learns.
 
     distill-server &                 # or: make serve
     python examples/train_student.py --target 127.0.0.1:50051 --steps 300 --plot loss.png
+    python examples/train_student.py --target 127.0.0.1:50051 --relational
 
 Shows a progress bar with the loss, the rate and the time left (tqdm) and,
 at the end, how far the student's features are from the teacher's before and
@@ -46,13 +51,12 @@ class Teacher(nn.Module):
 
 
 class Student(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, width: int = STUDENT_WIDTH, adapter: bool = True) -> None:
         super().__init__()
-        self.hidden = nn.Sequential(
-            nn.Linear(INPUTS, STUDENT_WIDTH), nn.Tanh(), nn.Linear(STUDENT_WIDTH, STUDENT_WIDTH), nn.Tanh()
-        )
-        self.adapter = nn.Linear(STUDENT_WIDTH, TEACHER_WIDTH)  # maps features to the teacher's width
-        self.head = nn.Linear(STUDENT_WIDTH, CLASSES)
+        self.hidden = nn.Sequential(nn.Linear(INPUTS, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh())
+        # FitNets: a linear map of the features to the teacher's width, for losses that compare elements.
+        self.adapter = nn.Linear(width, TEACHER_WIDTH) if adapter else nn.Identity()
+        self.head = nn.Linear(width, CLASSES)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.hidden(x)
@@ -65,6 +69,14 @@ def feature_gap(teacher: Teacher, student: Student, x: torch.Tensor) -> float:
         return float(((teacher(x)[0] - student(x)[0]) ** 2).mean())
 
 
+def feature_cka(teacher: Teacher, student: Student, x: torch.Tensor) -> float:
+    """Linear CKA of the teacher's and the student's features (any widths): 1
+    when they relate the samples alike, up to a rotation and a scale."""
+    with torch.no_grad():
+        t, s = (features - features.mean(0) for features in (teacher(x)[0], student(x)[0]))
+        return float((s.T @ t).norm() ** 2 / ((t.T @ t).norm() * (s.T @ s).norm()))
+
+
 def train(
     target: str,
     steps: int,
@@ -72,17 +84,22 @@ def train(
     stream: bool = True,
     seed: int = 0,
     on_step: Callable[[int, float], None] = lambda step, loss: None,
+    relational: bool = False,
 ) -> tuple[dict[str, float], list[float]]:
     """Train the student; ``on_step(step, loss)`` after every step. Returns the
-    summary and every step's loss."""
+    summary and every step's loss. ``relational``: a quarter-width student
+    with no adapter, taught the hidden layer by a batch loss."""
     torch.manual_seed(seed)
-    teacher, student = Teacher().eval(), Student()
+    teacher = Teacher().eval()
+    student = Student(STUDENT_WIDTH // 2, adapter=False) if relational else Student()
     data = torch.randn(4096, INPUTS)
     held_out = torch.randn(1024, INPUTS)
-    layers = [(1.0, DistilLoss.mse()), (0.5, DistilLoss.kl_divergence(2.0, reduction=Reduction.PER_ROW))]
+    hidden = (100.0, DistilLoss.similarity_preserving()) if relational else (1.0, DistilLoss.mse())
+    layers = [hidden, (0.5, DistilLoss.kl_divergence(2.0, reduction=Reduction.PER_ROW))]
     remote_loss = RemoteDistillLoss(layers, target=target, stream=stream, names=["hidden", "logits"], timeout=60)
     optimiser = torch.optim.Adam(student.parameters(), lr=3e-3)
-    gap_before = feature_gap(teacher, student, held_out)
+    gap = feature_cka if relational else feature_gap
+    gap_before = gap(teacher, student, held_out)
     losses = []
     try:
         for step in range(steps):
@@ -101,9 +118,9 @@ def train(
     summary = {
         "first_loss": sum(losses[:window]) / window,
         "last_loss": sum(losses[-window:]) / window,
-        "feature_gap_before": gap_before,
-        "feature_gap_after": feature_gap(teacher, student, held_out),
     }
+    measure = "feature_cka" if relational else "feature_gap"
+    summary |= {f"{measure}_before": gap_before, f"{measure}_after": gap(teacher, student, held_out)}
     return summary, losses
 
 
@@ -130,18 +147,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--unary", action="store_true", help="one ComputeTotalLoss call per step instead of a stream")
     parser.add_argument("--json", action="store_true", help="one JSON line per step as it goes, then the summary")
     parser.add_argument("--plot", metavar="FILE", help="save the loss curve as a PNG")
+    parser.add_argument(
+        "--relational", action="store_true", help="a quarter-width student, no adapter, a batch loss on the features"
+    )
     args = parser.parse_args(argv)
     try:
         from tqdm import tqdm
     except ImportError:
         parser.exit(2, "train_student.py: needs tqdm (pip install '.[examples]')\n")
-    stream = not args.unary
+    options = {"stream": not args.unary, "relational": args.relational}
     if args.json:
 
         def on_step(step: int, loss: float) -> None:
             print(json.dumps({"step": step, "loss": loss}), flush=True)
 
-        summary, losses = train(args.target, args.steps, args.batch, stream=stream, on_step=on_step)
+        summary, losses = train(args.target, args.steps, args.batch, on_step=on_step, **options)
         print(json.dumps(summary), flush=True)
     else:
         with tqdm(total=args.steps, unit="step", file=sys.stderr) as bar:
@@ -150,10 +170,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 bar.set_postfix(loss=f"{loss:.5f}", refresh=False)
                 bar.update()
 
-            summary, losses = train(args.target, args.steps, args.batch, stream=stream, on_step=on_step)
+            summary, losses = train(args.target, args.steps, args.batch, on_step=on_step, **options)
+        measure = "feature_cka" if args.relational else "feature_gap"
         print(
-            f"loss {summary['first_loss']:.5f} -> {summary['last_loss']:.5f}; feature gap "
-            f"{summary['feature_gap_before']:.5f} -> {summary['feature_gap_after']:.5f}"
+            f"loss {summary['first_loss']:.5f} -> {summary['last_loss']:.5f}; {measure.replace('_', ' ')} "
+            f"{summary[measure + '_before']:.5f} -> {summary[measure + '_after']:.5f}"
         )
     if args.plot:
         plot(losses, args.plot)

@@ -19,6 +19,7 @@ MODULES = [
     "distill_client.client",
     "distill_client.cuda_ipc",
     "distill_client.distiller",
+    "distill_client.hf",
     "distill_client.shared_memory",
     "distill_client.stream",
     "distill_client.torch",
@@ -38,8 +39,10 @@ MODULES = [
     "distill_server.cuda_ipc",
     "distill_server.decoding",
     "distill_server.engine",
+    "distill_server.logs",
     "distill_server.metrics",
     "distill_server.probe",
+    "distill_server.relational",
     "distill_server.server",
     "distill_server.servicer",
     "distill_server.shared_memory",
@@ -89,7 +92,7 @@ def _readme_imports() -> set[tuple[str, str]]:
 
 def test_readme_imports_only_exported_names() -> None:
     imported = _readme_imports()
-    assert {module for module, _ in imported} == {"distill_client", "distill_client.torch"}
+    assert {module for module, _ in imported} == {"distill_client", "distill_client.hf", "distill_client.torch"}
     for module, name in sorted(imported):
         assert name in importlib.import_module(module).__all__, f"README imports {name} from {module}"
 
