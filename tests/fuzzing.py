@@ -259,7 +259,7 @@ def losses(draw: st.DrawFn, hostile: bool) -> pb.Loss:
     loss = pb.Loss()
     kinds = ("mse", "cosine", "kl", "combined")
     # The batch losses need shapes of their own (a batch axis; attention transfer's spatial axes): hostile only.
-    batch = ("similarity_preserving", "linear_cka", "pkt", "attention_transfer")
+    batch = ("similarity_preserving", "linear_cka", "pkt", "attention_transfer", "kd", "dist", "response")
     kind = draw(st.sampled_from((*kinds, *batch, "none") if hostile else kinds))
     temperature = _floats() if hostile and _hostile(draw, 30) else _temperatures()
     if hostile and _hostile(draw, 30):
@@ -286,6 +286,14 @@ def losses(draw: st.DrawFn, hostile: bool) -> pb.Loss:
     elif kind == "attention_transfer":
         loss.attention_transfer.p = draw(st.sampled_from((0.0, 1.0, 2.0, 3.5)) if draw(st.booleans()) else _floats())
         loss.attention_transfer.mode = draw(_enum(2))
+    elif kind == "kd":
+        loss.kd.temperature = draw(temperature)
+    elif kind == "dist":
+        loss.dist.beta, loss.dist.gamma, loss.dist.temperature = draw(st.tuples(factor, factor, temperature))
+    elif kind == "response":  # a soft loss of any kind, labels or none: the server must refuse or compute
+        loss.response.hard_label_weight, loss.response.soft_label_weight = draw(st.tuples(factor, factor))
+        if draw(st.booleans()):
+            loss.response.soft_loss.CopyFrom(draw(losses(hostile=False)))
     loss.reduction = draw(_enum(2)) if hostile and _hostile(draw, 20) else draw(st.sampled_from((0, 1, 2)))
     return loss
 
@@ -315,6 +323,17 @@ def layer_lists(draw: st.DrawFn, hostile: bool, min_size: int = 0) -> list[pb.La
 # ------------------------------------------------------------------ requests
 
 
+@st.composite
+def label_maps(draw: st.DrawFn, layers: int, hostile: bool) -> dict[int, pb.Labels]:
+    """Class labels by layer index: none mostly; hostile, any index and any
+    int64 labels (the server must refuse what no response layer takes)."""
+    if not hostile or not _hostile(draw, 30):
+        return {}
+    indices = st.integers(0, max(layers, 1) + 2) if draw(st.booleans()) else st.integers(0, 2**32 - 1)
+    values = st.lists(st.one_of(st.integers(-2, 12), _int64s()), max_size=20)
+    return {index: pb.Labels(classes=draw(values)) for index in draw(st.sets(indices, max_size=3))}
+
+
 def _hostility() -> st.SearchStrategy[bool]:
     """Whether a request may hold invalid values: one in three do; the
     others are valid but for the numbers (overflow, underflow)."""
@@ -331,6 +350,9 @@ def layer_loss_requests(draw: st.DrawFn) -> pb.ComputeLayerLossRequest:
         index = draw(st.integers(0, len(layers) - 1))
     request = pb.ComputeLayerLossRequest(layers=layers, layer_index=index, return_gradients=draw(st.booleans()))
     teacher, student = draw(tensor_pairs(hostile))
+    labels = draw(label_maps(1, hostile))
+    if labels:
+        request.labels.CopyFrom(next(iter(labels.values())))
     missing = draw(st.integers(0, 29)) if hostile else -1
     if missing != 0:
         request.teacher.CopyFrom(teacher)
@@ -363,7 +385,11 @@ def total_loss_requests(draw: st.DrawFn) -> pb.ComputeTotalLossRequest:
         layers = []  # zero layers and zero tensors: a total of 0
     teachers, students = draw(_tensor_lists(len(layers), hostile))
     return pb.ComputeTotalLossRequest(
-        layers=layers, teachers=teachers, students=students, return_gradients=draw(st.booleans())
+        layers=layers,
+        teachers=teachers,
+        students=students,
+        return_gradients=draw(st.booleans()),
+        labels=draw(label_maps(len(layers), hostile)),
     )
 
 
@@ -579,7 +605,8 @@ def stream_configs(draw: st.DrawFn, hostile: bool) -> pb.StreamLossesRequest:
 @st.composite
 def stream_steps(draw: st.DrawFn, layers: int, hostile: bool) -> pb.StreamLossesRequest:
     teachers, students = draw(_tensor_lists(layers, hostile))
-    request = pb.StreamLossesRequest(step_id=draw(_int64s()), teachers=teachers, students=students)
+    labels = draw(label_maps(layers, hostile))
+    request = pb.StreamLossesRequest(step_id=draw(_int64s()), teachers=teachers, students=students, labels=labels)
     if hostile and _hostile(draw, 10):  # a configuration again: that step fails
         request.config.CopyFrom(draw(stream_configs(False)).config)
     return request

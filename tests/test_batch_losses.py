@@ -88,6 +88,38 @@ def test_the_server_gives_the_math_exactly(client: DistillClient, loss: DistilLo
     np.testing.assert_allclose(layer.gradient, (0.5 * grad).astype(dtype), rtol=1e-12 if dtype == np.float64 else 0)
 
 
+LOGIT_LOSSES = [
+    (DistilLoss.kd(4.0), (16, 10)),
+    (DistilLoss.kd(2.0), (4, 10, 3, 3)),  # torchdistill's class axis 1, the KL summed over the positions
+    (DistilLoss.dist(), (16, 10)),
+    (DistilLoss.dist(beta=2.0, gamma=0.0, temperature=4.0), (1, 10)),
+    (DistilLoss.logit_standardized_kd(), (16, 10)),
+]
+
+
+@pytest.mark.parametrize(("loss", "shape"), LOGIT_LOSSES, ids=lambda case: repr(case))
+def test_the_server_gives_the_logit_math_exactly(client: DistillClient, loss: DistilLoss, shape: Any) -> None:
+    rng = np.random.default_rng(5)
+    teacher = (3 * rng.normal(size=shape)).astype(np.float32)
+    student = teacher + rng.normal(size=shape).astype(np.float32)
+    value, grad = local(loss, teacher, student)
+    result = client.compute_total_loss([(0.5, loss)], [teacher], [student], gradients=True)
+    assert result.layers[0].loss == pytest.approx(value, rel=1e-13)
+    np.testing.assert_array_equal(result.layers[0].gradient, (0.5 * grad).astype(np.float32))
+
+
+def test_logits_of_different_shapes_or_too_many_elements_are_refused(
+    client: DistillClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ShapeMismatch) as info:
+        client.compute_total_loss([(1.0, DistilLoss.kd(2.0))], [np.ones((4, 10))], [np.ones((4, 9))])
+    assert info.value.field == "students[0].shape" and "10" in info.value.message and "9" in info.value.message
+    monkeypatch.setattr(engine, "LOGITS_MAX_ELEMENTS", 30)
+    with pytest.raises(LimitExceeded) as limit:
+        client.compute_total_loss([(1.0, DistilLoss.dist())], [np.ones((4, 10))], [np.ones((4, 10))])
+    assert (limit.value.limit, limit.value.got, limit.value.field) == (30, 40, "teachers[0]")
+
+
 @pytest.mark.parametrize("loss", [BATCH_LOSSES[0], BATCH_LOSSES[6]], ids=repr)
 def test_a_stream_and_a_layer_call_agree_with_a_total(client: DistillClient, loss: DistilLoss) -> None:
     teacher, student = features(loss)

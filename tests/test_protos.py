@@ -40,7 +40,8 @@ def _elements(proto: descriptor_pb2.FileDescriptorProto) -> dict[tuple[int, ...]
             if i not in synthetic:
                 found[(*path, 8, i)] = f"{m.name}.{o.name}"
         for i, nested in enumerate(m.nested_type):
-            message((*path, 3, i), nested)
+            if not nested.options.map_entry:  # protoc's, for a map field (documented as the field)
+                message((*path, 3, i), nested)
         for i, e in enumerate(m.enum_type):
             enum((*path, 4, i), e)
 

@@ -20,6 +20,7 @@ MODULES = [
     "distill_client.cuda_ipc",
     "distill_client.distiller",
     "distill_client.hf",
+    "distill_client.response",
     "distill_client.shared_memory",
     "distill_client.stream",
     "distill_client.torch",

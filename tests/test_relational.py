@@ -386,6 +386,221 @@ def test_attention_transfer_gradient_is_zero_where_the_maps_agree() -> None:
     assert value < 1e-15 and not grad.any()
 
 
+# ---------------------------------------------------------------- logit losses
+
+LOGIT_VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("kd", {}),
+    ("kd", {"temperature": 4.0}),
+    ("dist", {}),
+    ("dist", {"beta": 2.0, "gamma": 0.5, "temperature": 4.0}),
+    ("dist", {"beta": 0.0}),
+    ("dist", {"gamma": 0.0, "temperature": 0.5}),
+    ("logit_standardized_kd", {}),
+    ("logit_standardized_kd", {"temperature": 1.0}),
+]
+LOGIT_IDS = [f"{name}{params or ''}" for name, params in LOGIT_VARIANTS]
+LOGIT_LOSSES = {"kd", "dist", "logit_standardized_kd"}
+
+
+def logit_smallest(name: str, params: Params) -> int:
+    return 3 if name == "dist" and params.get("gamma", 1.0) else 1
+
+
+def logit_shapes(name: str) -> list[tuple[int, ...]]:
+    """The logits each loss is compared on: ``[B, C]``, and for KD also ``[B, C, H, W]``."""
+    return [(6, 10), (6, 5, 3, 2)] if name == "kd" else [(6, 10)]
+
+
+def temperature(name: str, params: Params) -> float:
+    return float(params.get("temperature", 2.0 if name == "logit_standardized_kd" else 1.0))
+
+
+def torchdistill_logit_loss(name: str, params: Params) -> Reference:
+    """torchdistill's class, times ``tau^2`` for KD and logit-standardized KD (their
+    classes return the KL without it unless they mix in the targets' cross-entropy)."""
+    mid = pytest.importorskip("torchdistill.losses.mid_level")
+    tau = temperature(name, params)
+    if name == "kd":
+        module, factor = mid.KDLoss("s", "output", "t", "output", temperature=tau, alpha=0.0), tau**2
+    elif name == "dist":
+        weights = {"beta": params.get("beta", 1.0), "gamma": params.get("gamma", 1.0)}
+        module, factor = mid.DISTLoss("s", "output", "t", "output", tau=tau, **weights), 1.0
+    else:
+        module, factor = mid.LogitStdKDLoss("s", "output", "t", "output", temperature=tau, alpha=0.0), tau**2
+    return lambda t, s: factor * module({"s": {"output": s}}, {"t": {"output": t}})
+
+
+def logit_paper_loss(name: str, params: Params) -> Reference:
+    """The logit losses' formulas in PyTorch, written independently of torchdistill."""
+    torch = pytest.importorskip("torch")
+    tau = temperature(name, params)
+
+    def kd(t: Any, s: Any) -> Any:
+        """``tau^2 / B`` times the KL of each position's class distribution, summed (classes moved last)."""
+        lp, lq = (torch.log_softmax(x.movedim(1, -1) / tau, dim=-1) for x in (t, s))
+        return tau**2 * (lp.exp() * (lp - lq)).sum() / t.shape[0]
+
+    def dist(t: Any, s: Any) -> Any:
+        """The paper's Pearson correlations, ``cov / (sigma sigma)``, without a floor."""
+        pt, ps = (torch.softmax(x / tau, dim=1) for x in (t, s))
+
+        def pearson(x: Any, y: Any, dim: int) -> Any:
+            xc, yc = x - x.mean(dim=dim, keepdim=True), y - y.mean(dim=dim, keepdim=True)
+            return (xc * yc).sum(dim) / torch.sqrt((xc * xc).sum(dim) * (yc * yc).sum(dim))
+
+        inter, intra = 1 - pearson(ps, pt, 1).mean(), 1 - pearson(ps, pt, 0).mean()
+        return tau**2 * (params.get("beta", 1.0) * inter + params.get("gamma", 1.0) * intra)
+
+    def logit_standardized_kd(t: Any, s: Any) -> Any:
+        """The authors' ``kd_loss`` with ``logit_stand``: z-scores, KL summed over classes, mean, ``* tau^2``."""
+        zt, zs = ((x - x.mean(dim=-1, keepdim=True)) / (1e-7 + x.std(dim=-1, keepdim=True)) for x in (t, s))
+        log_q, p = torch.log_softmax(zs / tau, dim=1), torch.softmax(zt / tau, dim=1)
+        return torch.nn.functional.kl_div(log_q, p, reduction="none").sum(1).mean() * tau**2
+
+    functions: dict[str, Reference] = {"kd": kd, "dist": dist, "logit_standardized_kd": logit_standardized_kd}
+    return functions[name]
+
+
+@pytest.mark.parametrize(("name", "params"), LOGIT_VARIANTS, ids=LOGIT_IDS)
+def test_logit_losses_match_torchdistill(xp: ModuleType, name: str, params: Params) -> None:
+    for shape in logit_shapes(name):
+        t, s = pair((shape, shape), seed=20)
+        assert_matches(evaluate(name, t, s, params, xp), autograd(torchdistill_logit_loss(name, params), t, s))
+
+
+@pytest.mark.parametrize(("name", "params"), LOGIT_VARIANTS, ids=LOGIT_IDS)
+def test_logit_losses_match_the_papers_formulas(xp: ModuleType, name: str, params: Params) -> None:
+    for shape in logit_shapes(name):
+        t, s = pair((shape, shape), seed=21)
+        assert_matches(evaluate(name, t, s, params, xp), autograd(logit_paper_loss(name, params), t, s))
+
+
+@pytest.mark.parametrize(("name", "params"), LOGIT_VARIANTS, ids=LOGIT_IDS)
+def test_logit_losses_at_the_smallest_batches(xp: ModuleType, name: str, params: Params) -> None:
+    for batch in (logit_smallest(name, params), logit_smallest(name, params) + 1):
+        t, s = pair(((6, 10), (6, 10)), seed=22, batch=batch)
+        assert_matches(evaluate(name, t, s, params, xp), autograd(torchdistill_logit_loss(name, params), t, s))
+
+
+@pytest.mark.parametrize(("name", "params"), LOGIT_VARIANTS, ids=LOGIT_IDS)
+def test_logit_gradients_match_central_differences(name: str, params: Params) -> None:
+    for shape in [(4, 3), (2, 3, 2)] if name == "kd" else [(4, 3)]:
+        t, s = pair((shape, shape), seed=23)
+        _, grad = evaluate(name, t, s, params)
+        numeric = np.empty_like(s)
+        for i in np.ndindex(s.shape):
+            h = 1e-6 * max(1.0, abs(s[i]))
+            up, down = s.copy(), s.copy()
+            up[i] += h
+            down[i] -= h
+            high = LOSSES[name].evaluate(np, t, up, params, False)[0]
+            numeric[i] = (high - LOSSES[name].evaluate(np, t, down, params, False)[0]) / (2 * h)
+        np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(("name", "params"), LOGIT_VARIANTS, ids=LOGIT_IDS)
+def test_logit_losses_of_low_precision_inputs_compute_in_float64(name: str, params: Params, dtype: Any) -> None:
+    for shape in logit_shapes(name):
+        t, s = (x.astype(dtype) for x in pair((shape, shape), seed=24))
+        value, grad = evaluate(name, t, s, params)
+        wide_value, wide_grad = evaluate(name, t.astype(np.float64), s.astype(np.float64), params)
+        assert value == wide_value
+        np.testing.assert_array_equal(grad, wide_grad)
+
+
+def test_logit_losses_value_only_and_inputs_untouched() -> None:
+    t, s = pair(((6, 10), (6, 10)), seed=25)
+    before = t.copy(), s.copy()
+    for name, params in LOGIT_VARIANTS:
+        value, grad = LOSSES[name].evaluate(np, t, s, params, False)
+        assert grad is None and value == evaluate(name, t, s, params)[0]
+    np.testing.assert_array_equal(t, before[0])
+    np.testing.assert_array_equal(s, before[1])
+
+
+@pytest.mark.parametrize("tau", [1.0, 3.0])
+@pytest.mark.parametrize("gap", [1e-9, 1e-6, 1e-3])
+def test_kd_of_nearly_equal_logits_is_accurate_relative_to_the_gap(xp: ModuleType, gap: float, tau: float) -> None:
+    """Logits a small ``d = (s - t) / tau`` apart: ``tau^2 KL`` is ``tau^2 Var_p(d) / 2`` and the
+    gradient ``tau p (d - E_p d) / B``, up to a relative ``O(gap)``; the difference of two
+    log-softmaxes would keep only about 1e-16 absolute (all of the value at 1e-9). Shifting the
+    student (softmax ignores it) keeps that accuracy, but for the rounding of ``s - t`` itself."""
+    t, noise = pair(((5, 8, 2), (5, 8, 2)), seed=26)
+    s = t + gap * tau * noise
+    d = (s - t) / tau
+    p = np.exp(t / tau) / np.exp(t / tau).sum(axis=1, keepdims=True)
+    centred = d - (p * d).sum(axis=1, keepdims=True)
+    expected = tau**2 * float((p * centred**2).sum()) / 2 / 5, tau * p * centred / 5
+    value, grad = evaluate("kd", t, s, {"temperature": tau}, xp)
+    tolerance = 10 * gap + 1e-12
+    assert value == pytest.approx(expected[0], rel=tolerance)
+    scale = float(np.abs(expected[1]).max())  # the O(gap) term is relative to the largest element
+    np.testing.assert_allclose(grad, expected[1], rtol=tolerance, atol=tolerance * scale)
+    shifted = evaluate("kd", t, s + 4.0, {"temperature": tau}, xp)
+    rounding = tolerance + 1e-14 / gap  # s + 4 - t is exact to ulp(4), 1e-15
+    assert shifted[0] == pytest.approx(expected[0], rel=rounding)
+    np.testing.assert_allclose(shifted[1], expected[1], rtol=rounding, atol=rounding * scale)
+
+
+def test_kd_gaps_across_the_threshold_match_torchdistill(xp: ModuleType) -> None:
+    """Positions whose gaps are small take the expm1 forms, the others log-softmax; both are the KL."""
+    t, noise = pair(((6, 10), (6, 10)), seed=27)
+    s = t + np.array([1e-4, 3e-3, 9e-3, 2e-2, 0.1, 1.0])[:, None] * noise
+    value, grad = evaluate("kd", t, s, {}, xp)
+    expected_value, expected_grad = autograd(torchdistill_logit_loss("kd", {}), t, s)
+    assert value == pytest.approx(expected_value, rel=1e-12)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-10, atol=1e-12 * float(np.abs(expected_grad).max()))
+
+
+def test_logit_standardized_kd_of_a_shifted_student_is_zero() -> None:
+    """``t + 5`` standardizes to ``t``'s z-scores up to rounding: the KL is 0 to 1e-30, never negative.
+    (``2 t`` would not: ``eps`` in ``1e-7 + std`` leaves z-scores 1e-7 apart.)"""
+    t, _ = pair(((6, 10), (6, 10)), seed=28)
+    value, grad = evaluate("logit_standardized_kd", t, t + 5.0, {})
+    assert 0.0 <= value < 1e-28 and float(np.abs(grad).max()) < 1e-14
+
+
+@pytest.mark.parametrize("which", ["student", "both"])
+@pytest.mark.parametrize("spread", [0.0, 1e-9])
+def test_dist_floors_norms_as_torch_cosine_similarity(which: str, spread: float) -> None:
+    """Samples alike to ``spread``: each class's centred column has a norm below 1e-8 (0 at
+    ``spread`` 0), floored as ``cosine_similarity`` floors it, the gradient passing through the
+    true norm (a floor that passed no gradient would change it by a few per cent); the gradient
+    is large (to 1e16) and torchdistill's. At 1e-9 the centred probabilities, differences of
+    numbers 1e10 times larger, keep only about 7 digits: the comparison is to 1e-5."""
+    t, noise = pair(((5, 6), (5, 6)), seed=29)
+    s = t[:1] + spread * noise
+    if which == "both":
+        t = t[2:3] + spread * noise[::-1]
+    got, expected = evaluate("dist", t, s, {}), autograd(torchdistill_logit_loss("dist", {}), t, s)
+    if spread == 0:
+        assert_matches(got, expected)
+        return
+    assert got[0] == pytest.approx(expected[0], rel=1e-5)
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-5, atol=1e-7 * float(np.abs(expected[1]).max()))
+
+
+def test_logit_standardized_kd_of_a_constant_student_row_is_torchdistills() -> None:
+    """A constant row: std 0, z 0, and the gradient ``dz / 1e-7`` centred (torch masks std's 0 / 0)."""
+    t, s = pair(((4, 6), (4, 6)), seed=30)
+    s[1] = 2.5
+    expected = autograd(torchdistill_logit_loss("logit_standardized_kd", {}), t, s)
+    assert_matches(evaluate("logit_standardized_kd", t, s, {}), expected)
+    assert float(np.abs(expected[1][1]).max()) > 1e5
+
+
+def test_logit_standardized_kd_of_huge_logits_is_scale_free() -> None:
+    """Logits beyond 1e154 (whose squares overflow) standardize as logits of 1e100 do (``eps`` is
+    negligible at both scales): the same value, the gradient scaled."""
+    t, s = pair(((4, 6), (4, 6)), seed=31)
+    value, grad = evaluate("logit_standardized_kd", 1e100 * t, 1e100 * s, {})
+    huge = evaluate("logit_standardized_kd", 1e200 * t, 1e200 * s, {})
+    assert math.isfinite(huge[0]) and huge[0] == pytest.approx(value, rel=1e-12)
+    scale = float(np.abs(grad).max())
+    np.testing.assert_allclose(huge[1] * 1e100, grad, rtol=1e-10, atol=1e-12 * scale)
+
+
 # ---------------------------------------------------------------- check
 
 
@@ -421,6 +636,33 @@ def test_attention_transfer_gradient_is_zero_where_the_maps_agree() -> None:
         ("rkd", (2, 5), (2, 3), {}, "RKD needs a batch of at least 3, not 2: normalized distances and angles of 2 "
          "samples are constant"),
         ("rkd", (257, 5), (257, 3), {}, "RKD takes a batch of at most 256 samples, not 257"),
+        ("kd", (8, 10), (8, 12), {}, "KD needs logits of equal shapes: teacher [8, 10], student [8, 12]"),
+        ("kd", (8, 10, 4), (8, 10, 2, 2), {}, "KD needs logits of equal shapes: teacher [8, 10, 4], "
+         "student [8, 10, 2, 2]"),
+        ("kd", (8, 10), (4, 10), {}, "the batch sizes differ: teacher 8, student 4"),
+        ("kd", (8,), (8, 10), {}, "KD needs [batch, classes, ...] inputs of at least 2 axes: "
+         "the teacher has shape [8]"),
+        ("kd", (8, 1, 7, 7), (8, 1, 7, 7), {}, "KD needs at least 2 classes (axis 1), not 1: "
+         "the softmax of a single class is 1 whatever the logits"),
+        ("kd", (8, 0), (8, 0), {}, "KD needs non-empty samples: the teacher has shape [8, 0]"),
+        ("kd", (65537, 10), (65537, 10), {}, "KD takes a batch of at most 65536 samples, not 65537"),
+        ("dist", (2, 10), (2, 10), {}, "DIST needs a batch of at least 3, not 2: the intra-class correlations "
+         "are over the batch: of 2 samples always 1 or -1, of 1 sample 0 / 0 (gamma = 0 drops them)"),
+        ("dist", (1, 10), (1, 10), {"beta": 0.5}, "DIST needs a batch of at least 3, not 1: the intra-class "
+         "correlations are over the batch: of 2 samples always 1 or -1, of 1 sample 0 / 0 (gamma = 0 drops them)"),
+        ("dist", (8, 10, 2), (8, 10, 2), {}, "DIST needs [batch, classes] inputs of exactly 2 axes: "
+         "the teacher has shape [8, 10, 2]"),
+        ("dist", (8, 10), (8, 10, 1), {}, "DIST needs [batch, classes] inputs of exactly 2 axes: "
+         "the student has shape [8, 10, 1]"),
+        ("dist", (8, 10), (8, 11), {}, "DIST needs logits of equal shapes: teacher [8, 10], student [8, 11]"),
+        ("dist", (8, 1), (8, 1), {}, "DIST needs at least 2 classes (axis 1), not 1: "
+         "the softmax of a single class is 1 whatever the logits"),
+        ("logit_standardized_kd", (8, 1), (8, 1), {}, "logit-standardized KD needs at least 2 classes (axis 1), "
+         "not 1: the unbiased standard deviation of one class is 0 / 0"),
+        ("logit_standardized_kd", (8, 10), (8, 9), {}, "logit-standardized KD needs logits of equal shapes: "
+         "teacher [8, 10], student [8, 9]"),
+        ("logit_standardized_kd", (8, 10, 1, 1), (8, 10, 1, 1), {}, "logit-standardized KD needs [batch, classes] "
+         "inputs of exactly 2 axes: the teacher has shape [8, 10, 1, 1]"),
     ],
 )  # fmt: skip
 def test_check_says_what_is_wrong(
@@ -454,6 +696,13 @@ def test_check_says_what_is_wrong(
         ("nst", {"c": -1.0}, "NST: c is -1.0; expected a finite number >= 0"),
         ("rkd", {"distance_weight": 0.0, "angle_weight": 0},
          "RKD: distance_weight and angle_weight are both 0; expected at least one > 0"),
+        ("kd", {"temperature": 0.0}, "KD: temperature is 0.0; expected a finite number > 0"),
+        ("kd", {"alpha": 0.5}, "KD: kd has no option 'alpha'; its options: temperature"),
+        ("dist", {"beta": 0, "gamma": 0.0}, "DIST: beta and gamma are both 0; expected at least one > 0"),
+        ("dist", {"gamma": -1.0}, "DIST: gamma is -1.0; expected a finite number >= 0"),
+        ("dist", {"tau": 2.0}, "DIST: dist has no option 'tau'; its options: beta, gamma, temperature"),
+        ("logit_standardized_kd", {"temperature": math.inf},
+         "logit-standardized KD: temperature is inf; expected a finite number > 0"),
     ],
 )  # fmt: skip
 def test_check_refuses_options_out_of_the_contract(name: str, params: Params, sentence: str) -> None:
@@ -472,8 +721,9 @@ def test_check_accepts_different_widths(name: str, params: Params) -> None:
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_check_refuses_batches_beyond_the_limit(name: str) -> None:
     limit = MAX_BATCH[name]
-    assert LOSSES[name].check((limit, 2, 1), (limit, 3, 1), {}) is None
-    sentence = LOSSES[name].check((limit + 1, 2, 1), (limit + 1, 3, 1), {})
+    widths = ((3,), (3,)) if name in LOGIT_LOSSES else ((2, 1), (3, 1))  # logits: [B, C] of equal shapes
+    assert LOSSES[name].check((limit, *widths[0]), (limit, *widths[1]), {}) is None
+    sentence = LOSSES[name].check((limit + 1, *widths[0]), (limit + 1, *widths[1]), {})
     assert sentence is not None and sentence.endswith(f"takes a batch of at most {limit} samples, not {limit + 1}")
 
 
@@ -487,6 +737,9 @@ def test_every_loss_has_a_limit_and_its_defaults() -> None:
         "correlation_congruence": {"kernel": "gaussian", "gamma": 0.4, "max_p": 2, "mode": "paper"},
         "nst": {"degree": 2, "c": 0.0},
         "rkd": {"distance_weight": 1.0, "angle_weight": 2.0},
+        "kd": {"temperature": 1.0},
+        "dist": {"beta": 1.0, "gamma": 1.0, "temperature": 1.0},
+        "logit_standardized_kd": {"temperature": 2.0},
     }
 
 
@@ -499,12 +752,16 @@ def test_every_loss_has_a_limit_and_its_defaults() -> None:
         ("correlation_congruence", {}, None),
         ("rkd", {}, None),
         ("nst", {}, ((2, NST_MAX_CHANNELS, 3, 3), (2, NST_MAX_CHANNELS, 3, 3))),
+        ("kd", {}, ((MAX_BATCH["kd"], 10), (MAX_BATCH["kd"], 10))),
+        ("dist", {}, ((MAX_BATCH["dist"], 10), (MAX_BATCH["dist"], 10))),
+        ("logit_standardized_kd", {}, ((MAX_BATCH["logit_standardized_kd"], 10),) * 2),
     ],
-    ids=["similarity_preserving", "linear_cka", "pkt", "correlation_congruence", "rkd", "nst"],
+    ids=["similarity_preserving", "linear_cka", "pkt", "correlation_congruence", "rkd", "nst", "kd", "dist", "lskd"],
 )
 def test_memory_at_the_limits(name: str, params: Params, shapes: Any) -> None:
-    """The float64 temporaries of the largest batch (for NST, of the most channels),
-    gradient included, stay under 256 MiB (measured: 224, 128, 160, 224, 166 and 102 MiB)."""
+    """The float64 temporaries of the largest batch (for NST, of the most channels; for the
+    logit losses, of 10 classes), gradient included, stay under 256 MiB (measured: 224, 128,
+    160, 224, 166 and 102 MiB; KD, DIST and logit-standardized KD: 31, 46 and 42 MiB)."""
     t, s = pair(shapes or ((MAX_BATCH[name], 3), (MAX_BATCH[name], 2)), seed=15)
     tracemalloc.start()
     try:

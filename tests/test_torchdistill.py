@@ -290,6 +290,43 @@ def test_a_batch_loss_config_is_torchdistills_own_loss_for_a_narrower_student(
     assert td.loss_from_config("linear_cka") == DistilLoss.linear_cka()
 
 
+def test_kdloss_with_targets_is_one_remote_response_term(build: Callable[[str], Any]) -> None:
+    teacher, student = logits((8, 10))
+    targets = torch.arange(8) % 10
+    student.requires_grad_(True)
+    criterion = build(
+        """
+        key: WeightedSumLoss
+        kwargs:
+          sub_terms:
+            kd:
+              criterion:
+                key: DistillServiceLoss
+                kwargs:
+                  target: '{target}'
+                  feature_pairs:
+                    logits:
+                      teacher: {path: fc}
+                      student: {path: fc}
+                      loss:
+                        kind: response
+                        hard_label_weight: 0.3
+                        soft_label_weight: 0.7
+                        soft_loss: {kind: kl_divergence, temperature: 4.0}
+              weight: 1.0
+        """
+    )
+    remote = criterion({"student": io("fc", student), "teacher": io("fc", teacher)}, {}, targets)
+    (remote_grad,) = torch.autograd.grad(remote, student)
+    local = kd_loss(4.0, 0.3)(io("fc", student), io("fc", teacher), targets)
+    (local_grad,) = torch.autograd.grad(local, student)
+    assert remote.item() == pytest.approx(local.item(), rel=RTOL)
+    assert_close(remote_grad, local_grad)
+    with pytest.raises(InvalidArgument, match="passed no targets") as raised:
+        criterion({"student": io("fc", student), "teacher": io("fc", teacher)}, {}, None)
+    assert (raised.value.field, raised.value.layer) == ("feature_pairs.logits.loss", 0)
+
+
 def test_torchdistill_describes_the_remote_term_on_one_line(
     build: Callable[[str], Any], server: InProcessServer
 ) -> None:

@@ -19,6 +19,7 @@ from distill_client.client import (
 )
 from distill_client.cuda_ipc import CudaIpcInfo
 from distill_client.distiller import RemoteFeatureDistiller
+from distill_client.response import RemoteResponseDistiller
 from distill_client.shared_memory import SharedMemoryInfo
 from distill_client.stream import StepResult, StreamSession
 from distill_core.errors import (
@@ -89,6 +90,7 @@ __all__ = [
     "RegionRefused",
     "RegionTruncated",
     "RemoteFeatureDistiller",
+    "RemoteResponseDistiller",
     "ResourceExhausted",
     "ServerInfo",
     "ShapeMismatch",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -116,11 +116,12 @@ class AsyncDistillClient:
         names: Sequence[str] | None = None,
         gradients: bool = False,
         timeout: float | None = None,
+        labels: Any = None,
     ) -> LayerLoss:
         """Layer ``layer_index``'s loss, weighted by its weight (see
         :meth:`DistillClient.compute_layer_loss`)."""
         batch = _batch([teacher], [student])
-        request = layer_loss_request(layer_config(layers, names), layer_index, gradients, batch)
+        request = layer_loss_request(layer_config(layers, names), layer_index, gradients, batch, labels)
         response: pb.ComputeLayerLossResponse = await self._call(self._layer_loss, request, timeout)
         return batch.layers([response.layer_loss])[0]
 
@@ -133,11 +134,12 @@ class AsyncDistillClient:
         names: Sequence[str] | None = None,
         gradients: bool = False,
         timeout: float | None = None,
+        labels: Mapping[int, Any] | None = None,
     ) -> TotalLoss:
         """The weighted sum of every layer's loss, and each layer's part (see
         :meth:`DistillClient.compute_total_loss`)."""
         batch = _batch(teachers, students)
-        request = total_loss_request(layer_config(layers, names), gradients, batch)
+        request = total_loss_request(layer_config(layers, names), gradients, batch, labels)
         response: pb.ComputeTotalLossResponse = await self._call(self._total_loss, request, timeout)
         return TotalLoss(response.total_loss, batch.layers(response.layer_losses))
 
@@ -178,14 +180,22 @@ class AsyncStreamSession:
         self._next_id = 0
         self._closed = False
 
-    async def step(self, teachers: Sequence[Any], students: Sequence[Any], step_id: int | None = None) -> StepResult:
-        """The losses (and gradients, if configured) of one step."""
+    async def step(
+        self,
+        teachers: Sequence[Any],
+        students: Sequence[Any],
+        step_id: int | None = None,
+        *,
+        labels: Mapping[int, Any] | None = None,
+    ) -> StepResult:
+        """The losses (and gradients, if configured) of one step (see :meth:`StreamSession.step`)."""
         if self._closed:
             raise Unavailable("the stream is closed")
         step_id = self._next_id if step_id is None else step_id
         self._next_id = step_id + 1
         batch = _batch(teachers, students)
-        request = wire.build(pb.StreamLossesRequest(step_id=step_id), teachers=batch.teachers, students=batch.students)
+        message = pb.StreamLossesRequest(step_id=step_id, labels=tensors.labels_by_layer(labels))
+        request = wire.build(message, teachers=batch.teachers, students=batch.students)
         try:
             if self._config is not None:
                 await self._call.write(pb.StreamLossesRequest(config=self._config).SerializeToString())

@@ -6,7 +6,7 @@ import ipaddress
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from distill_client._closing import Closing
 from distill_client.cuda_ipc import CudaIpc, CudaIpcInfo
 from distill_client.shared_memory import Batch, SharedMemory, SharedMemoryInfo, Transport
 from distill_client.stream import StreamSession
-from distill_core import rpc, wire
+from distill_core import rpc, tensors, wire
 from distill_core.errors import from_rpc_error
 from distill_core.losses import DistilLoss, LayerLoss, LossKind
 from distill_core.rpc import SERVICE_NAME
@@ -142,8 +142,10 @@ class ChannelSettings:
         return cls(channel_options, credentials, (("authorization", f"Bearer {token}"),) if token else None)
 
 
-def layer_loss_request(config: list[pb.Layer], layer_index: int, gradients: bool, batch: Batch) -> bytes:
-    """A framed ``ComputeLayerLossRequest`` for ``batch``'s one pair."""
+def layer_loss_request(
+    config: list[pb.Layer], layer_index: int, gradients: bool, batch: Batch, labels: Any = None
+) -> bytes:
+    """A framed ``ComputeLayerLossRequest`` for ``batch``'s one pair (and its class labels)."""
     outputs, cuda_outputs = batch.gradient_outputs, batch.gradient_cuda_outputs
     return wire.build(
         pb.ComputeLayerLossRequest(
@@ -152,20 +154,24 @@ def layer_loss_request(config: list[pb.Layer], layer_index: int, gradients: bool
             return_gradients=gradients,
             gradient_output=outputs[0] if outputs else None,
             gradient_cuda_output=cuda_outputs[0] if cuda_outputs else None,
+            labels=None if labels is None else tensors.to_labels(labels),
         ),
         teacher=batch.teachers[0],
         student=batch.students[0],
     )
 
 
-def total_loss_request(config: list[pb.Layer], gradients: bool, batch: Batch) -> bytes:
-    """A framed ``ComputeTotalLossRequest`` for ``batch``."""
+def total_loss_request(
+    config: list[pb.Layer], gradients: bool, batch: Batch, labels: Mapping[int, Any] | None = None
+) -> bytes:
+    """A framed ``ComputeTotalLossRequest`` for ``batch`` (and its layers' class labels)."""
     return wire.build(
         pb.ComputeTotalLossRequest(
             layers=config,
             return_gradients=gradients,
             gradient_outputs=batch.gradient_outputs,
             gradient_cuda_outputs=batch.gradient_cuda_outputs,
+            labels=tensors.labels_by_layer(labels),
         ),
         teachers=batch.teachers,
         students=batch.students,
@@ -384,6 +390,7 @@ class DistillClient(Closing):
         names: Sequence[str] | None = None,
         gradients: bool = False,
         timeout: float | None = None,
+        labels: Any = None,
     ) -> LayerLoss:
         """Layer ``layer_index``'s loss, weighted by its weight.
 
@@ -391,11 +398,12 @@ class DistillClient(Closing):
         DLPack or ``__array__`` objects, CUDA arrays (see ``transport``), or
         lists of floats. With
         ``gradients``, the result's ``gradient`` is ``weight * d loss / d student``.
+        ``labels``: the layer's class labels, for a response loss.
         """
         config = layer_config(layers, names)
 
         def send(batch: Batch) -> LayerLoss:
-            request = layer_loss_request(config, layer_index, gradients, batch)
+            request = layer_loss_request(config, layer_index, gradients, batch, labels)
             response: pb.ComputeLayerLossResponse = self._call(self._layer_loss, request, timeout)
             return batch.layers([response.layer_loss])[0]
 
@@ -410,16 +418,18 @@ class DistillClient(Closing):
         names: Sequence[str] | None = None,
         gradients: bool = False,
         timeout: float | None = None,
+        labels: Mapping[int, Any] | None = None,
     ) -> TotalLoss:
         """The weighted sum of every layer's loss, and each layer's part.
 
         With ``gradients``, each layer's ``gradient`` is the gradient of the
-        total with respect to that layer's student tensor.
+        total with respect to that layer's student tensor. ``labels``: layer
+        index -> class labels, for the layers with a response loss.
         """
         config = layer_config(layers, names)
 
         def send(batch: Batch) -> TotalLoss:
-            request = total_loss_request(config, gradients, batch)
+            request = total_loss_request(config, gradients, batch, labels)
             response: pb.ComputeTotalLossResponse = self._call(self._total_loss, request, timeout)
             return TotalLoss(response.total_loss, batch.layers(response.layer_losses))
 

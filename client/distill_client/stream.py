@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +14,7 @@ from distill.v1 import distill_pb2 as pb
 from distill_client._closing import Closing
 from distill_client.cuda_ipc import CudaIpc
 from distill_client.shared_memory import Batch, SharedMemory
-from distill_core import wire
+from distill_core import tensors, wire
 from distill_core.errors import DeadlineExceeded, Unavailable, from_rich_status, from_rpc_error
 from distill_core.losses import LayerLoss
 
@@ -70,10 +70,19 @@ class StreamSession(Closing):
         self._step_timeout = step_timeout
         self._expired = threading.Event()  # set when a step outlived step_timeout and the stream was cancelled
 
-    def step(self, teachers: Sequence[Any], students: Sequence[Any], step_id: int | None = None) -> StepResult:
+    def step(
+        self,
+        teachers: Sequence[Any],
+        students: Sequence[Any],
+        step_id: int | None = None,
+        *,
+        labels: Mapping[int, Any] | None = None,
+    ) -> StepResult:
         """The losses (and gradients, if configured) of one step.
 
-        ``step_id`` defaults to one more than the previous step's.
+        ``step_id`` defaults to one more than the previous step's; ``labels``:
+        layer index -> the step's class labels, for the layers with a
+        response loss.
 
         Raises:
             DistillError: the step's own error (the stream goes on), or the
@@ -83,12 +92,14 @@ class StreamSession(Closing):
             raise Unavailable("the stream is closed")
         step_id = self._next_id if step_id is None else step_id
         self._next_id = step_id + 1
+        by_layer = tensors.labels_by_layer(labels)
 
         def send(batch: Batch) -> StepResult:
             request = pb.StreamLossesRequest(
                 step_id=step_id,
                 gradient_outputs=batch.gradient_outputs,
                 gradient_cuda_outputs=batch.gradient_cuda_outputs,
+                labels=by_layer,
             )
             self._requests.put(wire.build(request, teachers=batch.teachers, students=batch.students))
             try:

@@ -12,7 +12,8 @@ memory. Either way the gradients come back on each student's device and dtype.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_dtypes
@@ -146,22 +147,32 @@ class RemoteDistillLoss(torch.nn.Module):
         self.last: TotalLoss | None = None
         """The last step's full result (per-layer losses)."""
 
-    def _compute(self, teachers: list[Any], students: list[Any], gradients: bool) -> TotalLoss:
+    def _compute(
+        self, teachers: list[Any], students: list[Any], gradients: bool, labels: Mapping[int, Any] | None = None
+    ) -> TotalLoss:
         if not self._use_stream:
             result = self.client.compute_total_loss(
-                self.layers, teachers, students, names=self.names, gradients=gradients
+                self.layers, teachers, students, names=self.names, gradients=gradients, labels=labels
             )
         else:
             if self._session is None or self._session.closed:  # first step, or the stream ended
                 self._session = self.client.stream(self.layers, gradients=True, names=self.names)
-            step = self._session.step(teachers, students)
+            step = self._session.step(teachers, students, labels=labels)
             result = TotalLoss(step.total, step.layers)
         self.last = result
         return result
 
-    def forward(self, teacher_feats: Sequence[torch.Tensor], student_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        teacher_feats: Sequence[torch.Tensor],
+        student_feats: Sequence[torch.Tensor],
+        labels: Mapping[int, Any] | None = None,
+    ) -> torch.Tensor:
+        """The step's remote total loss; ``labels``: layer index -> class
+        labels (integer tensors or lists), for layers with a response loss."""
         on_device = self.client.transport in ("auto", "cuda_ipc")  # the client sends CUDA tensors by handle
-        return remote_distill_loss(self._compute, teacher_feats, student_feats, on_device=on_device)
+        compute = functools.partial(self._compute, labels=labels)
+        return remote_distill_loss(compute, teacher_feats, student_feats, on_device=on_device)
 
     def close(self) -> None:
         """End the stream, and close the client if this module created it."""

@@ -42,7 +42,12 @@ A ``loss`` is ``'mse'`` or ``'cosine'``, or a mapping with ``kind`` (``mse``,
 ``reduction`` (``flatten``, the default, or ``per_row``; names in any case).
 The batch losses, which need no adapter between widths, are named the same
 way with their options (``{kind: rkd, angle_weight: 2.0}``), or alone
-(``'similarity_preserving'``, ``'linear_cka'``, ``'pkt'``, ...).
+(``'similarity_preserving'``, ``'linear_cka'``, ``'pkt'``, ...); so are the
+logit losses (``{kind: kd, temperature: 4.0}``, ``dist``,
+``logit_standardized_kd``) and response distillation (``{kind: response,
+hard_label_weight: 0.1, soft_label_weight: 0.9, soft_loss: {kind:
+kl_divergence, temperature: 4.0}}``), whose labels are torchdistill's
+``targets``: a config's ``KDLoss`` with ``alpha`` and targets, entirely remote.
 Per-row losses reduce over the last axis; a pair's ``dim`` (torch's
 ``dim``) names another axis, moved last before the tensors are sent.
 
@@ -97,6 +102,7 @@ _LOSS_KEYS = {
     LossKind.COMBINED: ("kind", "kl_weight", "mse_weight", "reduction", "temperature"),
 }
 _LOSS_KEYS.update({kind: ("kind", *options) for kind, options in OPTIONS.items()})  # the batch losses' options
+_LOSS_KEYS[LossKind.RESPONSE] = ("hard_label_weight", "kind", "soft_label_weight", "soft_loss")
 _KINDS = {kind.name.lower(): kind for kind in _LOSS_KEYS}
 _REDUCTIONS = {reduction.name.lower(): reduction for reduction in Reduction}
 _PAIR_KEYS = ("dim", "loss", "student", "teacher", "weight")
@@ -183,6 +189,18 @@ def loss_from_config(spec: Any, *, field: str = "loss", layer: int | None = None
         raise where.error(f"is {_shown(spec)}; expected 'mse', 'cosine' or a mapping with a kind")
     kind = _choice(_required(spec, "kind", where, f"one of {', '.join(_KINDS)}"), _KINDS, where.at("kind"))
     _mapping(spec, where, _LOSS_KEYS[kind], kind.name.lower())
+    if kind is LossKind.RESPONSE:  # labels: torchdistill's targets
+        soft = loss_from_config(
+            _required(spec, "soft_loss", where, "a loss"), field=where.at("soft_loss").field, layer=layer
+        )
+        hard_weight, soft_weight = (
+            _number(_required(spec, key, where, "a finite number"), where.at(key))
+            for key in ("hard_label_weight", "soft_label_weight")
+        )
+        try:
+            return DistilLoss.response(soft, hard_weight, soft_weight)
+        except InvalidArgument as error:
+            raise where.at("soft_loss").error(f"is invalid: {error.message}") from None
     if kind in OPTIONS:  # a batch loss: its options as the contract checks them
         options = tuple((key, value) for key, value in spec.items() if key != "kind")
         try:
@@ -357,12 +375,24 @@ class DistillServiceLoss(torch.nn.Module):
         return tensor
 
     def forward(
-        self, student_io_dict: Mapping[str, Any], teacher_io_dict: Mapping[str, Any], *args: Any, **kwargs: Any
+        self,
+        student_io_dict: Mapping[str, Any],
+        teacher_io_dict: Mapping[str, Any],
+        targets: Any = None,
+        *args: Any,
+        **kwargs: Any,
     ) -> torch.Tensor:
-        """The remote weighted sum over the pairs; other arguments (torchdistill's targets) are ignored."""
+        """The remote weighted sum over the pairs; torchdistill's ``targets``
+        are the class labels of the pairs with a ``response`` loss."""
         teachers = [self._feature(teacher_io_dict, "teacher", i, pair) for i, pair in enumerate(self.pairs)]
         students = [self._feature(student_io_dict, "student", i, pair) for i, pair in enumerate(self.pairs)]
-        loss: torch.Tensor = self.remote(teachers, students)
+        responses = [i for i, pair in enumerate(self.pairs) if pair.loss.kind is LossKind.RESPONSE]
+        if responses and targets is None:
+            pair = self.pairs[responses[0]]
+            raise _Where(f"feature_pairs.{pair.name}.loss", responses[0]).error(
+                "is a response loss, which needs the batch's class labels: torchdistill passed no targets"
+            )
+        loss: torch.Tensor = self.remote(teachers, students, labels=dict.fromkeys(responses, targets))
         return loss
 
     def extra_repr(self) -> str:

@@ -41,6 +41,10 @@ class LossKind(enum.Enum):
     CORRELATION_CONGRUENCE = pb.LOSS_KIND_CORRELATION_CONGRUENCE
     NST = pb.LOSS_KIND_NST
     RKD = pb.LOSS_KIND_RKD
+    KD = pb.LOSS_KIND_KD
+    DIST = pb.LOSS_KIND_DIST
+    LOGIT_STANDARDIZED_KD = pb.LOSS_KIND_LOGIT_STANDARDIZED_KD
+    RESPONSE = pb.LOSS_KIND_RESPONSE
 
 
 class Reduction(enum.Enum):
@@ -70,8 +74,14 @@ _ONEOF = {
     LossKind.CORRELATION_CONGRUENCE: "correlation_congruence",
     LossKind.NST: "nst",
     LossKind.RKD: "rkd",
+    LossKind.KD: "kd",
+    LossKind.DIST: "dist",
+    LossKind.LOGIT_STANDARDIZED_KD: "logit_standardized_kd",
+    LossKind.RESPONSE: "response",
 }
 _KINDS = {name: kind for kind, name in _ONEOF.items()}
+_PER_SAMPLE = (LossKind.MSE, LossKind.COSINE, LossKind.KL_DIVERGENCE, LossKind.COMBINED)
+"""The losses a response distillation's soft term may be: each sample's row compared element-wise."""
 _CONSTRUCTORS = {**_ONEOF, LossKind.COMBINED: "combined"}
 _REDUCTIONS = {pb.REDUCTION_UNSPECIFIED: Reduction.FLATTEN, **{r.value: r for r in Reduction}}
 
@@ -138,6 +148,9 @@ OPTIONS: dict[LossKind, dict[str, Option]] = {
     },
     LossKind.NST: {"degree": (2, _order), "c": (0.0, _non_negative)},
     LossKind.RKD: {"distance_weight": (1.0, _non_negative), "angle_weight": (2.0, _non_negative)},
+    LossKind.KD: {"temperature": (1.0, _positive)},
+    LossKind.DIST: {"beta": (1.0, _non_negative), "gamma": (1.0, _non_negative), "temperature": (1.0, _positive)},
+    LossKind.LOGIT_STANDARDIZED_KD: {"temperature": (2.0, _positive)},
 }
 """The batch losses and their options: the contract's, checked by clients and servers alike."""
 
@@ -155,10 +168,11 @@ def option_problem(kind: LossKind, params: Mapping[str, Any]) -> tuple[str, str]
                 return name, f"{name} is {value!r}; expected one of {', '.join(map(repr, allowed))}"
         elif not allowed(value):
             return name, f"{name} is {value!r}; expected {_WORDS[allowed]}"
-    if kind is LossKind.RKD:
-        weights = {name: default for name, (default, _) in known.items()} | dict(params)
-        if not any(weights.values()):
-            return "angle_weight", "distance_weight and angle_weight are both 0; expected at least one > 0"
+    factors = {LossKind.RKD: ("distance_weight", "angle_weight"), LossKind.DIST: ("beta", "gamma")}.get(kind)
+    if factors is not None:
+        given = {name: default for name, (default, _) in known.items()} | dict(params)
+        if not any(given[name] for name in factors):
+            return factors[1], f"{factors[0]} and {factors[1]} are both 0; expected at least one > 0"
     return None
 
 
@@ -181,6 +195,12 @@ class DistilLoss:
     reduction: Reduction = Reduction.FLATTEN
     options: tuple[tuple[str, Any], ...] = ()
     """A batch loss's options as ``(name, value)`` pairs (see :attr:`params`)."""
+    hard_label_weight: float = 0.0
+    """:meth:`response`: the factor of the cross-entropy with the labels."""
+    soft_label_weight: float = 0.0
+    """:meth:`response`: the factor of the soft loss."""
+    soft_loss: DistilLoss | None = None
+    """:meth:`response`: the loss of teacher and student logits, per sample."""
 
     def __post_init__(self) -> None:
         prefix = _ONEOF[self.kind]
@@ -200,6 +220,21 @@ class DistilLoss:
         if self.batched:
             self._check_options(prefix)
             object.__setattr__(self, "options", tuple(self.params.items()))  # every option, defaults too
+        if self.kind is LossKind.RESPONSE:
+            self._check_response(prefix)
+
+    def _check_response(self, prefix: str) -> None:
+        for name in ("hard_label_weight", "soft_label_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise InvalidArgument(
+                    f"{name} is {getattr(self, name)}; expected a finite value", field=f"{prefix}.{name}"
+                )
+        if self.soft_loss is None or self.soft_loss.kind not in _PER_SAMPLE:
+            got = "none" if self.soft_loss is None else repr(self.soft_loss)
+            raise InvalidArgument(
+                f"the soft loss is {got}; expected one of {', '.join(_ONEOF[kind] for kind in _PER_SAMPLE)}",
+                field=f"{prefix}.soft_loss",
+            )
 
     def _check_options(self, prefix: str) -> None:
         if self.reduction is not Reduction.FLATTEN:
@@ -216,8 +251,10 @@ class DistilLoss:
 
     @property
     def batched(self) -> bool:
-        """Whether the loss compares the samples of a batch (first axis) with
-        each other, so the teacher's and the student's widths may differ."""
+        """Whether the loss takes the first axis as the batch, on whole
+        tensors: the batch losses, which compare samples with samples (so
+        the teacher's and the student's widths may differ), and the logit
+        losses (:meth:`kd`, :meth:`dist`, :meth:`logit_standardized_kd`)."""
         return self.kind in OPTIONS
 
     @property
@@ -300,11 +337,51 @@ class DistilLoss:
         and triplet angles compared (smooth L1)."""
         return cls(LossKind.RKD, options=(("distance_weight", distance_weight), ("angle_weight", angle_weight)))
 
+    @classmethod
+    def kd(cls, temperature: float) -> DistilLoss:
+        """KD of logits ``[batch, classes, ...]`` (Hinton et al., 2015) as
+        torchdistill's ``KDLoss`` computes its soft term, times ``tau^2``:
+        softmax over axis 1, KL summed over the other positions, divided by
+        the batch size."""
+        return cls(LossKind.KD, options=(("temperature", temperature),))
+
+    @classmethod
+    def dist(cls, *, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0) -> DistilLoss:
+        """DIST (Huang et al., 2022): ``tau^2`` times one minus the Pearson
+        correlations of the class probabilities, per sample (``beta``) and
+        per class (``gamma``), of logits ``[batch, classes]``."""
+        return cls(LossKind.DIST, options=(("beta", beta), ("gamma", gamma), ("temperature", temperature)))
+
+    @classmethod
+    def logit_standardized_kd(cls, temperature: float = 2.0) -> DistilLoss:
+        """Logit-standardized KD (Sun et al., 2024): :meth:`kd` of each
+        sample's logits z-scored over the classes."""
+        return cls(LossKind.LOGIT_STANDARDIZED_KD, options=(("temperature", temperature),))
+
+    @classmethod
+    def response(
+        cls, soft_loss: DistilLoss, hard_label_weight: float = 0.5, soft_label_weight: float = 0.5
+    ) -> DistilLoss:
+        """Response distillation (the reference's ``ResponseDistiller``) of
+        logits ``[batch, classes]`` with each sample's class label:
+        ``hard_label_weight * CE(labels, s) + soft_label_weight * soft_loss(t, s)``,
+        both per sample and averaged over the samples. Hinton et al.'s
+        ``alpha * CE + (1 - alpha) * tau^2 * KL`` is
+        ``response(DistilLoss.kl_divergence(tau), alpha, 1 - alpha)``."""
+        return cls(
+            LossKind.RESPONSE,
+            hard_label_weight=float(hard_label_weight),
+            soft_label_weight=float(soft_label_weight),
+            soft_loss=soft_loss,
+        )
+
     def __repr__(self) -> str:
         if self.kind is LossKind.KL_DIVERGENCE:
             args = [repr(self.temperature)]
         elif self.kind is LossKind.COMBINED:
             args = [repr(self.kl_weight), repr(self.mse_weight), repr(self.temperature)]
+        elif self.kind is LossKind.RESPONSE:
+            args = [repr(self.soft_loss), repr(self.hard_label_weight), repr(self.soft_label_weight)]
         else:
             args = [f"{name}={value!r}" for name, value in self.options]
         if self.reduction is not Reduction.FLATTEN:
@@ -319,6 +396,11 @@ class DistilLoss:
         elif self.kind is LossKind.COMBINED:
             params = message.combined_kl_mse
             params.kl_weight, params.mse_weight, params.temperature = self.kl_weight, self.mse_weight, self.temperature
+        elif self.kind is LossKind.RESPONSE:
+            assert self.soft_loss is not None  # checked when made
+            part = message.response
+            part.hard_label_weight, part.soft_label_weight = self.hard_label_weight, self.soft_label_weight
+            part.soft_loss.CopyFrom(self.soft_loss.to_proto())
         else:
             part = getattr(message, _ONEOF[self.kind])
             part.SetInParent()
@@ -358,6 +440,8 @@ class DistilLoss:
                 mse_weight=params.mse_weight,
                 reduction=reduction,
             )
+        if kind is LossKind.RESPONSE:
+            return cls._response_from_proto(message.response, reduction)
         part = getattr(message, name)
         options = []
         for option, (default, allowed) in OPTIONS.get(kind, {}).items():
@@ -372,6 +456,23 @@ class DistilLoss:
                 )
             options.append((option, names.get(number, default)))
         return cls(kind, reduction=reduction, options=tuple(options))
+
+    @classmethod
+    def _response_from_proto(cls, part: pb.Loss.Response, reduction: Reduction) -> DistilLoss:
+        soft = None
+        if part.HasField("soft_loss"):
+            try:
+                soft = cls.from_proto(part.soft_loss)
+            except InvalidArgument as error:
+                inner = f".{error.field}" if error.field else ""
+                raise InvalidArgument(f"the soft loss: {error.message}", field=f"response.soft_loss{inner}") from None
+        return cls(
+            LossKind.RESPONSE,
+            reduction=reduction,
+            hard_label_weight=part.hard_label_weight,
+            soft_label_weight=part.soft_label_weight,
+            soft_loss=soft,
+        )
 
 
 @dataclass(frozen=True)

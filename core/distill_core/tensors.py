@@ -8,7 +8,7 @@ from ``ml_dtypes``, the maintained NumPy extension that JAX and TensorFlow use.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, cast
 
 import ml_dtypes
@@ -25,8 +25,10 @@ __all__ = [
     "decode",
     "dtype_and_shape",
     "encode",
+    "labels_by_layer",
     "per_layer",
     "to_array",
+    "to_labels",
     "to_wire",
 ]
 
@@ -101,6 +103,52 @@ def _from_torch(tensor: Any) -> npt.NDArray[Any]:
         bits: npt.NDArray[Any] = tensor.contiguous().view(torch.int16).numpy()
         return bits.view(ml_dtypes.bfloat16)
     return np.asarray(tensor)
+
+
+def to_labels(value: Any, field: str = "labels") -> pb.Labels:
+    """Class labels as the requests carry them: integers, one per sample.
+
+    Accepts an integer, a list of them, NumPy integer arrays and torch
+    integer tensors (on any device).
+
+    Raises:
+        InvalidArgument: None, anything not made of integers (floats and
+            booleans included), or more than one axis.
+    """
+    if value is None:
+        raise InvalidArgument(f"{field} is None; expected integer class labels, one per sample", field=field)
+    try:
+        if type(value).__module__.startswith("torch"):
+            array = np.asarray(value.detach().cpu())
+        else:
+            array = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        what = f"{field} of type {type(value).__name__} are not class labels: {exc}"
+        raise InvalidArgument(what, field=field) from None
+    empty_list = array.size == 0 and isinstance(value, (list, tuple))
+    if array.dtype.kind not in "iu" and not empty_list:
+        raise InvalidArgument(f"{field} have dtype {array.dtype}; expected integer class labels", field=field)
+    if array.ndim > 1:
+        raise InvalidArgument(
+            f"{field} have shape {list(array.shape)}; expected one label per sample (one axis)", field=field
+        )
+    return pb.Labels(classes=array.reshape(-1).astype(np.int64).tolist())
+
+
+def labels_by_layer(labels: Mapping[int, Any] | None) -> dict[int, pb.Labels]:
+    """Layer index -> class labels (:func:`to_labels` each), as the requests carry them.
+
+    Raises:
+        InvalidArgument: not a mapping by layer index, or not integer labels.
+    """
+    if labels is None:
+        return {}
+    if not isinstance(labels, Mapping):
+        raise InvalidArgument(
+            f"labels are a {type(labels).__name__}; expected a mapping of layer index -> class labels, e.g. {{0: y}}",
+            field="labels",
+        )
+    return {int(index): to_labels(value, f"labels[{index}]") for index, value in labels.items()}
 
 
 def per_layer(field: str, tensors: Any) -> list[Any]:

@@ -201,7 +201,7 @@ def split(
     }
     rest: list[Chunk] = []
     spans: dict[str, list[list[tuple[int, int]]]] = {field.name: [] for field in by_number.values()}
-    most = 5 * max_tensors + _SCALAR_FIELDS  # layers, teachers, students, both kinds of gradient outputs, the scalars
+    most = 6 * max_tensors + _SCALAR_FIELDS  # layers, teachers, students, two kinds of gradient outputs, labels
     for number, wire_type, field_start, value_start, value_stop in _fields(buffer, 0, len(buffer), most):
         field = by_number.get(number)
         if field is None or wire_type != _LEN:

@@ -41,9 +41,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -64,6 +64,8 @@ from distill_server import relational
 from distill_server.backend import array_module, block_size
 
 __all__ = [
+    "BATCH_MAX_ELEMENTS",
+    "LOGITS_MAX_ELEMENTS",
     "MIN_TEMPERATURE",
     "Layer",
     "LayerResult",
@@ -591,9 +593,20 @@ def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None,
     return value, out
 
 
-BATCH_MAX_ELEMENTS = 1 << 25
+BATCH_MAX_ELEMENTS = 1 << 24
 """The most elements a tensor of a batch loss may have: those losses work on
-float64 copies of whole tensors (256 MiB each at this size), not in blocks."""
+float64 copies of whole tensors (128 MiB each at this size), not in blocks
+(measured: attention transfer and similarity-preserving peak at about 3.6
+times their float32 inputs). The logit losses and response distillation,
+which hold about nine copies, take :data:`LOGITS_MAX_ELEMENTS`."""
+
+LOGITS_MAX_ELEMENTS = 1 << 22
+"""The most elements a tensor of a logit loss (KD, DIST, logit-standardized
+KD) or of response distillation may have: about 300 MiB of float64 copies at
+this size. The per-row ``kl_divergence``, which streams in blocks, takes
+larger logits (the same value as ``kd`` for 2-D logits)."""
+
+_LOGIT_LOSSES = (LossKind.KD, LossKind.DIST, LossKind.LOGIT_STANDARDIZED_KD, LossKind.RESPONSE)
 
 
 def _evaluate_batch(
@@ -619,20 +632,118 @@ def _evaluate_batch(
     return value, out
 
 
+def _evaluate_response(
+    loss: DistilLoss, teacher: Any, student: Any, labels: Any, scale: float | None, out: Any = None
+) -> tuple[float, Any]:
+    """Response distillation: the cross-entropy of each row of student logits
+    with its label, plus the soft loss per row (this module's, ``PER_ROW``),
+    and the gradient of both in the student's dtype."""
+    assert loss.soft_loss is not None  # checked when made
+    xp = array_module(student)
+    classes = int(student.shape[-1])
+    s = student.reshape(-1, classes).astype(xp.float64)
+    rows = s.shape[0]
+    picked = (xp.arange(rows), xp.asarray(labels))
+    with np.errstate(all="ignore"):  # non-finite logits: a non-finite value, reported by the caller
+        shifted = s - s.max(axis=1, keepdims=True)
+        log_z = xp.log(xp.exp(shifted).sum(axis=1))
+        cross_entropy = float((log_z - shifted[picked]).sum()) / rows
+    soft = replace(loss.soft_loss, reduction=Reduction.PER_ROW)
+    into = None if scale is None else xp.empty(student.shape, dtype=xp.float64)
+    soft_scale = None if scale is None else scale * loss.soft_label_weight
+    soft_value, grad = _evaluate(soft, teacher, student, soft_scale, into)
+    value = loss.hard_label_weight * cross_entropy + loss.soft_label_weight * soft_value
+    if scale is None or grad is None or not math.isfinite(value):
+        return value, None
+    probabilities = xp.exp(shifted - log_z[:, None])  # d CE / d s = softmax(s) - onehot(label), per row
+    probabilities[picked] -= 1.0
+    grad = grad.reshape(rows, classes)
+    grad += (scale * loss.hard_label_weight / rows) * probabilities
+    peak = float(xp.abs(grad).max())
+    if _overflows(peak, student.dtype):
+        raise _GradientOverflow(peak, student.dtype)
+    if out is None:
+        out = xp.empty(student.shape, dtype=student.dtype)
+    if xp is np:
+        _store(out.reshape(rows, classes), grad)
+    else:
+        out.reshape(rows, classes)[...] = grad
+    return value, out
+
+
+def _check_response(
+    index: int, loss: DistilLoss, teacher: Any, student: Any, labels: Any, fields: tuple[str, str, str]
+) -> None:
+    """Response distillation's inputs, in the reference's order: the student's
+    logits, the teacher's, then the labels (one per row, each a class)."""
+    for field, array in ((fields[1], student), (fields[0], teacher)):
+        if array.size == 0:
+            raise EmptyInput(f"layer {index}: {field} is empty", layer=index, field=field)
+    if teacher.size != student.size:
+        raise TeacherStudentMismatch(
+            f"layer {index}: {fields[0]} has {teacher.size} elements but {fields[1]} has {student.size}",
+            layer=index,
+            field=fields[1],
+            teacher=teacher.size,
+            student=student.size,
+        )
+    if teacher.shape != student.shape or student.ndim > 2:
+        raise ShapeMismatch(
+            f"layer {index}: {loss!r} takes logits [batch, classes] (or one sample's [classes]) of one shape; "
+            f"got {list(teacher.shape)} and {list(student.shape)}",
+            layer=index,
+            field=f"{fields[1]}.shape",
+        )
+    _check_elements(index, loss, (teacher, student), fields[:2])
+    if labels is None:
+        why = f"layer {index}: {loss!r} needs class labels; set {fields[2]}"
+        raise InvalidArgument(why, layer=index, field=fields[2])
+    rows, classes = (int(student.shape[0]) if student.ndim == 2 else 1), int(student.shape[-1])
+    if labels.size != rows:
+        raise DimensionMismatch(
+            f"layer {index}: {labels.size} labels for {rows} sample(s) of logits",
+            layer=index,
+            field=fields[2],
+            expected=rows,
+            got=labels.size,
+        )
+    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    if bad.size:
+        at, label = int(bad[0]), int(labels[bad[0]])
+        where = f"{fields[2]}[{at}]"
+        if label < 0:
+            raise InvalidArgument(f"layer {index}: {where} is {label}; expected a class >= 0", layer=index, field=where)
+        raise DimensionMismatch(
+            f"layer {index}: {where} is {label}, but the logits have {classes} classes",
+            layer=index,
+            field=where,
+            expected=classes,
+            got=label + 1,
+        )
+
+
+def _check_elements(index: int, loss: DistilLoss, arrays: Sequence[Any], fields: Sequence[str]) -> None:
+    """A loss on whole float64 copies: each tensor within its limit
+    (:data:`BATCH_MAX_ELEMENTS`, :data:`LOGITS_MAX_ELEMENTS`)."""
+    limit = LOGITS_MAX_ELEMENTS if loss.kind in _LOGIT_LOSSES else BATCH_MAX_ELEMENTS
+    for field, array in zip(fields, arrays, strict=True):
+        if array.size > limit:
+            raise LimitExceeded(
+                f"layer {index}: {field} has {array.size} elements; {loss.kind.name.lower()} takes at most {limit} "
+                "(split the batch)",
+                layer=index,
+                field=field,
+                limit=limit,
+                got=array.size,
+            )
+
+
 def _check_batch(index: int, loss: DistilLoss, teacher: Any, student: Any, fields: tuple[str, str]) -> None:
     """A batch loss's inputs: within the size limits, and shapes it can compare (any widths)."""
     if student.size == 0:
         raise EmptyInput(f"layer {index}: {fields[1]} is empty", layer=index, field=fields[1])
     name = loss.kind.name.lower()
-    for field, array in zip(fields, (teacher, student), strict=True):
-        if array.size > BATCH_MAX_ELEMENTS:
-            raise LimitExceeded(
-                f"layer {index}: {field} has {array.size} elements; {name} takes at most {BATCH_MAX_ELEMENTS}",
-                layer=index,
-                field=field,
-                limit=BATCH_MAX_ELEMENTS,
-                got=array.size,
-            )
+    _check_elements(index, loss, (teacher, student), fields)
     batch, limit = int(teacher.shape[0]) if teacher.ndim else 1, relational.MAX_BATCH[name]
     if batch > limit:
         raise LimitExceeded(
@@ -694,12 +805,20 @@ class LayerResult:
     gradient: Any = None
 
 
-def _check_pair(index: int, loss: DistilLoss, teacher: Any, student: Any, fields: tuple[str, str]) -> None:
-    """The reference's checks in its order (empty teacher, lengths), then shapes for PER_ROW."""
+def _check_pair(
+    index: int, loss: DistilLoss, teacher: Any, student: Any, fields: tuple[str, str, str], labels: Any = None
+) -> None:
+    """The reference's checks in its order (empty teacher, lengths), then shapes for PER_ROW.
+
+    ``fields``: the teacher's, the student's and the labels' request fields.
+    """
+    if loss.kind is LossKind.RESPONSE:
+        _check_response(index, loss, teacher, student, labels, fields)
+        return
     if teacher.size == 0:
         raise EmptyInput(f"layer {index}: {fields[0]} is empty", layer=index, field=fields[0])
     if loss.batched:
-        _check_batch(index, loss, teacher, student, fields)
+        _check_batch(index, loss, teacher, student, fields[:2])
         return
     if teacher.size != student.size:
         raise TeacherStudentMismatch(
@@ -725,10 +844,21 @@ def _first_non_finite(array: Any) -> int | None:
 
 
 def _compute(
-    index: int, layer: Layer, teacher: Any, student: Any, fields: tuple[str, str], gradient: bool, out: Any = None
+    index: int,
+    layer: Layer,
+    teacher: Any,
+    student: Any,
+    fields: tuple[str, str, str],
+    gradient: bool,
+    out: Any = None,
+    labels: Any = None,
 ) -> LayerResult:
+    scale = layer.weight if gradient else None
     try:
-        value, grad = _evaluate(layer.loss, teacher, student, layer.weight if gradient else None, out)
+        if layer.loss.kind is LossKind.RESPONSE:
+            value, grad = _evaluate_response(layer.loss, teacher, student, labels, scale, out)
+        else:
+            value, grad = _evaluate(layer.loss, teacher, student, scale, out)
     except relational.Undefined as exc:
         field = fields[exc.role == "student"]
         raise InvalidArgument(f"layer {index}: {exc}", layer=index, field=f"{field}.data") from None
@@ -741,7 +871,7 @@ def _compute(
         ) from None
     weighted = layer.weight * value
     if not math.isfinite(weighted):
-        for field, array in zip(fields, (teacher, student), strict=True):
+        for field, array in zip(fields[:2], (teacher, student), strict=True):
             at = _first_non_finite(array)
             if at is not None:
                 raise NonFiniteInput(
@@ -764,13 +894,21 @@ def _compute(
 
 
 def layer_loss(
-    layers: Sequence[Layer], index: int, teacher: Any, student: Any, *, gradient: bool = False, out: Any = None
+    layers: Sequence[Layer],
+    index: int,
+    teacher: Any,
+    student: Any,
+    *,
+    gradient: bool = False,
+    out: Any = None,
+    labels: Any = None,
 ) -> LayerResult:
     """The reference's ``compute_layer_loss``: layer ``index``'s weighted loss.
 
     With ``gradient``, also ``weight * d loss / d student``, written into
     ``out`` when given (an array of the student's shape and dtype: shared
-    memory the client reads it from), else into a new array.
+    memory the client reads it from), else into a new array. ``labels``: the
+    layer's class labels (an int64 array on the host), for a response loss.
 
     Raises:
         LayerIndexOutOfRange: ``index >= len(layers)`` (expected ``len(layers)``,
@@ -785,9 +923,9 @@ def layer_loss(
             expected=len(layers),
             got=index + 1,
         )
-    fields = ("teacher", "student")
-    _check_pair(index, layers[index].loss, teacher, student, fields)
-    return _compute(index, layers[index], teacher, student, fields, gradient, out)
+    fields = ("teacher", "student", "labels")
+    _check_pair(index, layers[index].loss, teacher, student, fields, labels)
+    return _compute(index, layers[index], teacher, student, fields, gradient, out, labels)
 
 
 def total_loss(
@@ -797,6 +935,7 @@ def total_loss(
     *,
     gradient: bool = False,
     out: Sequence[Any] | None = None,
+    labels: Mapping[int, Any] | None = None,
 ) -> tuple[float, list[LayerResult]]:
     """The reference's ``compute_total_loss``: the sum of every layer's weighted loss.
 
@@ -804,7 +943,8 @@ def total_loss(
     inputs, so the first failing layer's error wins; only then is anything
     computed. With ``gradient``, each result holds the gradient of the total
     with respect to its student tensor, written into ``out[i]`` where that
-    is an array (as in :func:`layer_loss`).
+    is an array (as in :func:`layer_loss`). ``labels``: layer index -> class
+    labels, for the layers with a response loss.
 
     Raises:
         DimensionMismatch: a tensor count differs from ``len(layers)``.
@@ -819,12 +959,13 @@ def total_loss(
                 expected=len(layers),
                 got=len(tensors),
             )
-    fields = [(f"teachers[{i}]", f"students[{i}]") for i in range(len(layers))]
+    fields = [(f"teachers[{i}]", f"students[{i}]", f"labels[{i}]") for i in range(len(layers))]
+    given = labels or {}
     for i, (layer, teacher, student) in enumerate(zip(layers, teachers, students, strict=True)):
-        _check_pair(i, layer.loss, teacher, student, fields[i])
+        _check_pair(i, layer.loss, teacher, student, fields[i], given.get(i))
     outs = out if out is not None else [None] * len(layers)
     results = [
-        _compute(i, layer, teacher, student, names, gradient, into)
+        _compute(i, layer, teacher, student, names, gradient, into, given.get(i))
         for i, (layer, teacher, student, names, into) in enumerate(
             zip(layers, teachers, students, fields, outs, strict=True)
         )

@@ -1,13 +1,18 @@
-"""Batch-relational distillation losses: samples compared with samples.
+"""Batch distillation losses: samples compared with samples, and logits.
 
-Each loss views the teacher ``[B, ...]`` and the student ``[B, ...]`` as
-batches of ``B`` samples and compares relations *between* samples (Gram
-matrices, kernels, attention maps), so the teacher's and the student's
-widths may differ; only the batch size (and attention transfer's spatial
-shape) must agree. Every loss is written once for NumPy and CuPy (``xp``),
-computes in float64 (inputs of any float dtype are converted once) and
-returns ``d loss / d student`` in closed form: no autograd, no Python loop
-over elements.
+The relational losses view the teacher ``[B, ...]`` and the student
+``[B, ...]`` as batches of ``B`` samples and compare relations *between*
+samples (Gram matrices, kernels, attention maps), so the teacher's and the
+student's widths may differ; only the batch size (and attention transfer's
+and NST's spatial shape) must agree: similarity-preserving KD, linear CKA,
+PKT, attention transfer, correlation congruence, NST and RKD. The logit
+losses compare teacher and student logits of equal shapes, the classes on
+axis 1 (torchdistill's convention): KD (``[B, C, ...]``), DIST and
+logit-standardized KD (``[B, C]``; DIST's intra-class term relates the
+samples of a batch). Every loss is written once
+for NumPy and CuPy (``xp``), computes in float64 (inputs of any float dtype
+are converted once) and returns ``d loss / d student`` in closed form: no
+autograd, no Python loop over elements.
 
 A loss is a :class:`Relational`: ``check`` says, before any computation,
 whether the shapes and parameters can be compared (``None``) or what is
@@ -23,7 +28,10 @@ torchdistill itself does for attention transfer. Wherever torchdistill
 divides by a norm, the norm is floored at 1e-12 as ``F.normalize`` does,
 and a floored norm passes no gradient: a zero sample (or channel map) gets
 the floor's large but finite gradient, exactly as under PyTorch autograd
-(except RKD's coincident samples: see :func:`_rkd_evaluate`).
+(except RKD's coincident samples: see :func:`_rkd_evaluate`). DIST's
+Pearson correlations follow ``torch.nn.functional.cosine_similarity``
+instead: each norm floored at 1e-8, the floor invisible to the gradient (see
+:func:`_pearson`).
 """
 
 from __future__ import annotations
@@ -48,6 +56,9 @@ MAX_BATCH: dict[str, int] = {
     "correlation_congruence": 2048,
     "nst": 1 << 16,
     "rkd": 256,
+    "kd": 1 << 16,
+    "dist": 1 << 16,
+    "logit_standardized_kd": 1 << 16,
 }
 """The largest batch each loss accepts. A ``B x B`` float64 matrix at 2048 is
 32 MiB, and the Gram losses hold at most seven at once (peak 224 MiB,
@@ -57,7 +68,10 @@ blocks of anchors of 32 MiB (peak 166 MiB at 256, and 0.3 s on one core;
 between samples (a few float64 copies of the inputs, which the caller's
 size limit bounds; NST's ``C x C`` channel kernels are per sample, in
 blocks, and :data:`NST_MAX_CHANNELS` bounds them): their limit only keeps a
-batch sensible."""
+batch sensible. So do the logit losses (KD, DIST, logit-standardized KD):
+at most about nine float64 arrays of the logits' shape at once (46 MiB at
+``65536 x 10``, measured with the gradient; DIST's intra-class correlations
+are over the columns of the ``[B, C]`` probabilities, nothing ``B x B``)."""
 
 _NORMALIZE_EPS = 1e-12
 """``torch.nn.functional.normalize``'s floor of a norm, used where torchdistill normalizes."""
@@ -120,24 +134,29 @@ def _checker(
     rank: int = 2,
     spatial: bool = False,
     extra: Callable[[tuple[int, ...], tuple[int, ...], dict[str, Any]], str | None] | None = None,
+    layout: str | None = None,
+    exact: bool = False,
 ) -> Check:
     """A ``check`` for a loss: parameters, ranks, batch sizes, widths, limits.
 
     ``minimum(params)`` gives the smallest meaningful batch and why smaller
     ones mean nothing; ``spatial``: axes 2 on must agree (attention maps);
-    ``extra``: a last check of the loss's own.
+    ``extra``: a last check of the loss's own; ``layout``: the inputs' axes
+    as the sentences name them; ``exact``: exactly ``rank`` axes, not at least.
     """
 
     kind = LossKind[name.upper()]
+    if layout is None:
+        layout = "[batch, channels, spatial...]" if spatial else "[batch, features...]"
+    axes = f"{'exactly' if exact else 'at least'} {rank} axes"
 
     def check(teacher: tuple[int, ...], student: tuple[int, ...], params: Mapping[str, Any]) -> str | None:
         problem = option_problem(kind, params)
         if problem is not None:
             return f"{title}: {problem[1]}"
-        layout = "[batch, channels, spatial...]" if spatial else "[batch, features...]"
         for role, shape in (("teacher", teacher), ("student", student)):
-            if len(shape) < rank:
-                return f"{title} needs {layout} inputs of at least {rank} axes: the {role} has shape {_shape(shape)}"
+            if len(shape) < rank or (exact and len(shape) != rank):
+                return f"{title} needs {layout} inputs of {axes}: the {role} has shape {_shape(shape)}"
         if teacher[0] != student[0]:
             return f"the batch sizes differ: teacher {teacher[0]}, student {student[0]}"
         batch = teacher[0]
@@ -678,11 +697,236 @@ def _rkd_evaluate(xp: Any, teacher: Any, student: Any, params: Mapping[str, Any]
     return value, dx.reshape(student.shape)
 
 
+# ---------------------------------------------------------------- logits
+
+_KD_RULES = OPTIONS[LossKind.KD]
+_DIST_RULES = OPTIONS[LossKind.DIST]
+_LSKD_RULES = OPTIONS[LossKind.LOGIT_STANDARDIZED_KD]
+
+_SMALL_GAP = 1e-2
+"""KL positions whose logit gaps ``(s - t) / tau``, centred, are all at most
+this get the forms accurate relative to the gap (see :func:`_softmax_kl`);
+wider gaps do not cancel enough to need them."""
+
+_PEARSON_EPS = 1e-8
+"""DIST's floor of each centred vector's norm (torchdistill's ``eps``, passed to ``cosine_similarity``)."""
+
+_STANDARDIZE_EPS = 1e-7
+"""Logit standardization's ``eps`` in ``(x - mean) / (eps + std)`` (the authors' code and torchdistill's)."""
+
+
+def _log_softmax(xp: Any, x: Any) -> Any:
+    """``log softmax(x)`` over axis 1 (stable: the maximum subtracted first)."""
+    y = x - x.max(axis=1, keepdims=True)
+    y -= xp.log(xp.exp(y).sum(axis=1, keepdims=True))
+    return y
+
+
+def _expm1_minus(x: Any) -> Any:
+    """``exp(x) - 1 - x`` for ``|x| <= 2 _SMALL_GAP``, to a relative 1e-17: its
+    Taylor series ``sum_{k >= 2} x^k / k!`` to ``k = 8`` (``expm1(x) - x`` would
+    cancel down to an absolute accuracy of ``ulp(x)``)."""
+    y = x * (1 / math.factorial(8))
+    for k in range(7, 1, -1):
+        y += 1 / math.factorial(k)
+        y *= x
+    return y * x
+
+
+def _softmax_kl(xp: Any, t: Any, s: Any, tau: float, gradient: bool) -> tuple[float, Any | None]:
+    """``(sum of KL(p || q), q - p or None)``: ``p = softmax(t / tau)``,
+    ``q = softmax(s / tau)`` over axis 1, the KL summed over every other position.
+
+    Through log-softmax, ``KL = sum_c p (log p - log q)``: finite and exact
+    where a probability underflows. Where a position's gaps
+    ``d = (s - t) / tau``, centred by their mean under ``p``, are all at most
+    :data:`_SMALL_GAP`, the two distributions nearly agree and both forms
+    would cancel; there ``e = log q - log p = d - log1p(sum_c p expm1(d))``,
+    ``KL = sum_c p (exp(e) - 1 - e)`` (nonnegative terms, since
+    ``sum_c p exp(e) = 1``) and ``q - p = p expm1(e)``, accurate relative to
+    the gap.
+    """
+    lp, lq = _log_softmax(xp, t / tau), _log_softmax(xp, s / tau)
+    p = xp.exp(lp)
+    kl = (p * (lp - lq)).sum(axis=1)
+    diff = xp.exp(lq) - p if gradient else None
+    d = (s - t) / tau
+    d -= (p * d).sum(axis=1, keepdims=True)
+    small = xp.abs(d).max(axis=1, keepdims=True) <= _SMALL_GAP
+    if bool(small.any()):
+        d = xp.where(small, d, 0.0)
+        d -= xp.log1p((p * xp.expm1(d)).sum(axis=1, keepdims=True))  # e = log q - log p
+        kl = xp.where(small[:, 0], (p * _expm1_minus(d)).sum(axis=1), kl)
+        if diff is not None:
+            diff = xp.where(small, p * xp.expm1(d), diff)
+    return float(kl.sum()), diff
+
+
+def _kd_evaluate(xp: Any, teacher: Any, student: Any, params: Mapping[str, Any], gradient: bool) -> tuple[float, Any]:
+    """Knowledge distillation (Hinton et al., 2015) as torchdistill's ``KDLoss`` soft term, times ``tau^2``.
+
+    Logits ``[B, C, ...]`` of equal shapes; ``p = softmax(t / tau)`` and
+    ``q = softmax(s / tau)`` over the classes, axis 1;
+    ``tau^2 sum KL(p || q) / B``, the KL summed over every other position
+    (``KLDivLoss(reduction="batchmean")``, which divides by the batch size
+    whatever the rank). torchdistill's ``KDLoss`` returns the soft term
+    without ``tau^2`` (it applies ``tau^2`` only when mixing in the
+    cross-entropy of targets); the paper's ``tau^2`` keeps the gradient's
+    scale across temperatures. ``d / d s = tau (q - p) / B``.
+    """
+    tau = float(_resolve(_KD_RULES, params)["temperature"])
+    t, s = xp.asarray(teacher, dtype=xp.float64), xp.asarray(student, dtype=xp.float64)
+    b = int(t.shape[0])
+    total, diff = _softmax_kl(xp, t, s, tau, gradient)
+    value = tau * tau * total / b
+    if diff is None:
+        return value, None
+    diff *= tau / b
+    return value, diff.reshape(student.shape)
+
+
+def _softmax(xp: Any, x: Any) -> Any:
+    """``softmax(x)`` over axis 1."""
+    y = xp.exp(x - x.max(axis=1, keepdims=True))
+    y /= y.sum(axis=1, keepdims=True)
+    return y
+
+
+def _pearson(xp: Any, x: Any, y: Any, axis: int, gradient: bool) -> tuple[Any, Any | None]:
+    """``(r, d sum(r) / dx or None)``: Pearson correlations of ``x`` and ``y`` along ``axis``,
+    as ``cosine_similarity`` of the centred vectors (``eps`` :data:`_PEARSON_EPS`).
+
+    PyTorch (2.x) divides each vector by its norm floored at ``eps``,
+    ``r = <x, y> / (max(|x|, eps) max(|y|, eps))``, and floors the norms
+    out of autograd's sight: a floored norm still passes the gradient of the
+    true norm, ``x / |x|`` (0 where ``|x| = 0``), which this reproduces.
+    """
+    xc = x - x.mean(axis=axis, keepdims=True)
+    yc = y - y.mean(axis=axis, keepdims=True)
+    nx = xp.sqrt((xc * xc).sum(axis=axis, keepdims=True))
+    floored_x = xp.maximum(nx, _PEARSON_EPS)
+    floored_y = xp.maximum(xp.sqrt((yc * yc).sum(axis=axis, keepdims=True)), _PEARSON_EPS)
+    r = (xc * yc).sum(axis=axis, keepdims=True) / (floored_x * floored_y)
+    if not gradient:
+        return r, None
+    # dr/dxc = yc / (|x|' |y|') - r / |x|' * xc / |x|; centring: subtract the mean along the axis.
+    dx = yc / (floored_x * floored_y) - (r / floored_x) * xc / xp.where(nx > 0, nx, math.inf)
+    dx -= dx.mean(axis=axis, keepdims=True)
+    return r, dx
+
+
+def _dist_evaluate(xp: Any, teacher: Any, student: Any, params: Mapping[str, Any], gradient: bool) -> tuple[float, Any]:
+    """DIST (Huang et al., NeurIPS 2022), as torchdistill's ``DISTLoss``.
+
+    Logits ``[B, C]`` of equal shapes; ``p_t``, ``p_s`` the softmaxes of
+    ``t / tau`` and ``s / tau`` over the classes;
+    ``tau^2 (beta (1 - mean_i r(p_s[i, :], p_t[i, :])) + gamma (1 - mean_c r(p_s[:, c], p_t[:, c])))``
+    with ``r`` the Pearson correlation: the inter-class relation of each
+    sample's distribution and the intra-class relation of each class over
+    the batch. ``r`` is ``cosine_similarity`` of the centred vectors, each
+    norm floored at 1e-8 as PyTorch does (:func:`_pearson`): a class whose
+    probability is the same for every sample (to about 1e-8) has ``r``
+    near 0 and a large gradient, as under autograd. A term whose factor is 0
+    is skipped. The intra-class term needs 3 samples: the correlation of
+    two samples' centred columns, ``(u, -u)`` and ``(v, -v)``, is always 1 or
+    -1 (a loss without gradient), and of one sample's, 0 / 0; with
+    ``gamma = 0`` one sample is fine.
+    """
+    options = _resolve(_DIST_RULES, params)
+    tau = float(options["temperature"])
+    t, s = xp.asarray(teacher, dtype=xp.float64), xp.asarray(student, dtype=xp.float64)
+    pt, ps = _softmax(xp, t / tau), _softmax(xp, s / tau)
+    value = 0.0
+    dp = xp.zeros_like(ps) if gradient else None  # d loss / d p_s
+    for axis, weight in ((1, float(options["beta"])), (0, float(options["gamma"]))):
+        if weight == 0:
+            continue
+        r, dr = _pearson(xp, ps, pt, axis, gradient)
+        value += weight * tau * tau * (1.0 - float(r.mean()))
+        if dp is not None:
+            dp -= (weight * tau * tau / r.size) * dr
+    if dp is None:
+        return value, None
+    # softmax: dz = p (dp - <dp, p>), and z = s / tau.
+    dp -= (dp * ps).sum(axis=1, keepdims=True)
+    dp *= ps
+    dp /= tau
+    return value, dp.reshape(student.shape)
+
+
+def _standardize(xp: Any, x: Any) -> tuple[Any, Any]:
+    """``(z, std)``: ``z = (x - mean) / (1e-7 + std)`` per row, ``std`` unbiased (``C - 1``).
+
+    The squares are taken of the centred row divided by its largest
+    magnitude, so logits beyond 1e154 standardize without overflow.
+    """
+    c = x - x.mean(axis=1, keepdims=True)
+    k = xp.abs(c).max(axis=1, keepdims=True)
+    k = xp.where(k > 0, k, 1.0)
+    u = c / k
+    std = k * xp.sqrt((u * u).sum(axis=1, keepdims=True) / (x.shape[1] - 1))
+    return c / (_STANDARDIZE_EPS + std), std
+
+
+def _lskd_evaluate(xp: Any, teacher: Any, student: Any, params: Mapping[str, Any], gradient: bool) -> tuple[float, Any]:
+    """Logit-standardized KD (Sun et al., CVPR 2024): KD of z-scored logits.
+
+    Logits ``[B, C]`` of equal shapes, each row standardized over the
+    classes, ``z = (x - mean) / (1e-7 + std)`` with the unbiased ``std``
+    (``torch.std``'s default, as the authors' code); then
+    ``tau^2 sum_i KL(softmax(z_t,i / tau) || softmax(z_s,i / tau)) / B``
+    (``tau`` default 2). The ``tau^2`` is the paper's and its code's
+    (``loss_kd *= temperature**2``); torchdistill's ``LogitStdKDLoss``
+    without targets returns the KL without it, so this is ``tau^2`` times
+    torchdistill's value. A constant student row has ``std`` 0, ``z`` 0 and
+    the gradient ``dz / 1e-7`` centred (the std's gradient masked, as
+    PyTorch's). Needs 2 classes: the unbiased std of one is 0 / 0.
+    """
+    tau = float(_resolve(_LSKD_RULES, params)["temperature"])
+    t, s = xp.asarray(teacher, dtype=xp.float64), xp.asarray(student, dtype=xp.float64)
+    b, classes = int(t.shape[0]), int(t.shape[1])
+    zt = _standardize(xp, t)[0]
+    zs, std = _standardize(xp, s)
+    total, dz = _softmax_kl(xp, zt, zs, tau, gradient)
+    value = tau * tau * total / b
+    if dz is None:
+        return value, None
+    dz *= tau / b  # d loss / d z_s
+    # z = c / (eps + std), d std / d c = c / ((C - 1) std): dc = dz / (eps + std) - <dz, z> z / ((C - 1) std).
+    dc = dz / (_STANDARDIZE_EPS + std)
+    dc -= (dz * zs).sum(axis=1, keepdims=True) * zs / ((classes - 1) * xp.where(std > 0, std, math.inf))
+    dc -= dc.mean(axis=1, keepdims=True)
+    return value, dc.reshape(student.shape)
+
+
+def _logit_classes(title: str, why: str) -> Callable[[tuple[int, ...], tuple[int, ...], dict[str, Any]], str | None]:
+    """A logit loss's last check: equal shapes, and at least 2 classes (axis 1)."""
+
+    def check(teacher: tuple[int, ...], student: tuple[int, ...], _: dict[str, Any]) -> str | None:
+        if teacher != student:
+            return f"{title} needs logits of equal shapes: teacher {_shape(teacher)}, student {_shape(student)}"
+        if teacher[1] < 2:
+            return f"{title} needs at least 2 classes (axis 1), not {teacher[1]}: {why}"
+        return None
+
+    return check
+
+
+_CONSTANT_SOFTMAX = "the softmax of a single class is 1 whatever the logits"
+
+
 # ---------------------------------------------------------------- the table
 
 
 def _at_least(count: int, reason: str) -> Callable[[dict[str, Any]], tuple[int, str]]:
     return lambda _: (count, reason)
+
+
+def _dist_minimum(options: dict[str, Any]) -> tuple[int, str]:
+    if options["gamma"] == 0:
+        return 1, "the batch is empty"
+    why = "the intra-class correlations are over the batch: of 2 samples always 1 or -1, of 1 sample 0 / 0"
+    return 3, f"{why} (gamma = 0 drops them)"
 
 
 def _pkt_minimum(options: dict[str, Any]) -> tuple[int, str]:
@@ -752,5 +996,43 @@ LOSSES: dict[str, Relational] = {
         _quiet(_rkd_evaluate),
         _resolve(_RKD_RULES, {}),
     ),
+    "kd": Relational(
+        _checker(
+            "kd",
+            "KD",
+            _KD_RULES,
+            _at_least(1, "the batch is empty"),
+            extra=_logit_classes("KD", _CONSTANT_SOFTMAX),
+            layout="[batch, classes, ...]",
+        ),
+        _quiet(_kd_evaluate),
+        _resolve(_KD_RULES, {}),
+    ),
+    "dist": Relational(
+        _checker(
+            "dist",
+            "DIST",
+            _DIST_RULES,
+            _dist_minimum,
+            extra=_logit_classes("DIST", _CONSTANT_SOFTMAX),
+            layout="[batch, classes]",
+            exact=True,
+        ),
+        _quiet(_dist_evaluate),
+        _resolve(_DIST_RULES, {}),
+    ),
+    "logit_standardized_kd": Relational(
+        _checker(
+            "logit_standardized_kd",
+            "logit-standardized KD",
+            _LSKD_RULES,
+            _at_least(1, "the batch is empty"),
+            extra=_logit_classes("logit-standardized KD", "the unbiased standard deviation of one class is 0 / 0"),
+            layout="[batch, classes]",
+            exact=True,
+        ),
+        _quiet(_lskd_evaluate),
+        _resolve(_LSKD_RULES, {}),
+    ),
 }
-"""The batch-relational losses by name."""
+"""The batch losses (relational and logit) by name."""

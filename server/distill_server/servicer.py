@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
@@ -227,6 +227,7 @@ class DistillServicer:
         request, views = parsed.message, parsed.views
         layers = validation.layers(request.layers, self.limits)
         index = validation.layer_index(request.layer_index)
+        labels = validation.layer_labels(request.labels, layers, index) if request.HasField("labels") else None
         with self.cuda_ipc.session() as ipc:
             teacher = validation.tensor(self._resolve(views["teacher"], "teacher", repeated=False), "teacher")
             student = validation.tensor(self._resolve(views["student"], "student", repeated=False), "student")
@@ -241,8 +242,9 @@ class DistillServicer:
             into = self._into([target], [student], [name], first_layer=index)
             self._count_elements("ComputeLayerLoss", [teacher, student])
             (out,) = self._open_outputs(ipc, into)
+            teacher, student = self._on_device(ipc, [teacher, student])
             result = engine.layer_loss(
-                layers, index, *self._on_device(ipc, [teacher, student]), gradient=request.return_gradients, out=out
+                layers, index, teacher, student, gradient=request.return_gradients, out=out, labels=labels
             )
             ipc.finish()
             encoded = self._encode(result, student.dtype, target, name, written=out is not None)
@@ -258,6 +260,7 @@ class DistillServicer:
             request.return_gradients,
             request.gradient_outputs,
             request.gradient_cuda_outputs,
+            validation.labels(request.labels, layers),
         )
         return wire.build(pb.ComputeTotalLossResponse(total_loss=total), layer_losses=results)
 
@@ -269,6 +272,7 @@ class DistillServicer:
         gradients: bool,
         outputs: Sequence[pb.SharedMemoryRef],
         cuda_outputs: Sequence[pb.CudaIpcRef] = (),
+        labels: Mapping[int, Any] | None = None,
     ) -> tuple[float, list[wire.Framed]]:
         """Decode the tensors, compute every layer, encode the results; CUDA
         memory the request names is mapped for this alone."""
@@ -282,7 +286,12 @@ class DistillServicer:
             self._count_elements(rpc, [*teachers, *students])
             out = self._open_outputs(ipc, into)
             total, results = engine.total_loss(
-                layers, self._on_device(ipc, teachers), self._on_device(ipc, students), gradient=gradients, out=out
+                layers,
+                self._on_device(ipc, teachers),
+                self._on_device(ipc, students),
+                gradient=gradients,
+                out=out,
+                labels=labels,
             )
             ipc.finish()
             return total, [
@@ -407,7 +416,13 @@ class DistillServicer:
             if request.HasField("config"):
                 raise InvalidArgument("config may be set only in the first message of a stream", field="config")
             total, results = self._total(
-                "StreamLosses", layers, parsed.views, gradients, request.gradient_outputs, request.gradient_cuda_outputs
+                "StreamLosses",
+                layers,
+                parsed.views,
+                gradients,
+                request.gradient_outputs,
+                request.gradient_cuda_outputs,
+                validation.labels(request.labels, layers),
             )
             return wire.build(pb.StreamLossesResponse(step_id=step_id, total_loss=total), layer_losses=results)
 

@@ -9,21 +9,33 @@ memory is checked as far as that needs no GPU (:mod:`distill_server.cuda_ipc`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import numpy.typing as npt
 
 from distill.v1 import distill_pb2 as pb
 from distill_core import tensors
 from distill_core.errors import InvalidArgument, LimitExceeded
-from distill_core.losses import DistilLoss
+from distill_core.losses import DistilLoss, LossKind
 from distill_core.wire import TensorView
 from distill_server.config import Limits
 from distill_server.cuda_ipc import Reference, tensor_reference
 from distill_server.engine import Layer
 
-__all__ = ["MAX_NAME_CHARS", "Counted", "Input", "elements", "layer_index", "layers", "tensor", "tensor_list"]
+__all__ = [
+    "MAX_NAME_CHARS",
+    "Counted",
+    "Input",
+    "elements",
+    "labels",
+    "layer_index",
+    "layer_labels",
+    "layers",
+    "tensor",
+    "tensor_list",
+]
 
 MAX_NAME_CHARS = 256
 """Longest layer name: names are echoed in every answer and error."""
@@ -122,3 +134,35 @@ def layer_index(index: int) -> int:
     if index < 0:
         raise InvalidArgument(f"layer_index is {index}; expected >= 0", field="layer_index")
     return index
+
+
+def labels(messages: Mapping[int, pb.Labels], layers: Sequence[Layer]) -> dict[int, np.ndarray]:
+    """Each layer's class labels (int64 arrays), by layer index: only layers
+    whose loss takes labels may have them (whether each such layer has them,
+    and their values, are the engine's checks).
+
+    Raises:
+        InvalidArgument: labels for a layer index out of range, or for a layer
+            whose loss takes none (field ``labels[i]``).
+    """
+    decoded = {}
+    for index, message in sorted(messages.items()):
+        where = f"labels[{index}]"
+        if index >= len(layers):
+            raise InvalidArgument(f"{where}: there are {len(layers)} layer(s)", field=where, layer=index)
+        decoded[index] = layer_labels(message, layers, index, where)
+    return decoded
+
+
+def layer_labels(message: pb.Labels, layers: Sequence[Layer], index: int, field: str = "labels") -> np.ndarray:
+    """One layer's class labels as an int64 array (a layer index out of range
+    is the engine's error).
+
+    Raises:
+        InvalidArgument: the layer's loss takes no labels.
+    """
+    if index < len(layers) and layers[index].loss.kind is not LossKind.RESPONSE:
+        raise InvalidArgument(
+            f"{field}: layer {index}'s loss, {layers[index].loss!r}, takes no labels", field=field, layer=index
+        )
+    return np.array(message.classes, dtype=np.int64)

@@ -30,6 +30,10 @@ class LossKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LOSS_KIND_CORRELATION_CONGRUENCE: _ClassVar[LossKind]
     LOSS_KIND_NST: _ClassVar[LossKind]
     LOSS_KIND_RKD: _ClassVar[LossKind]
+    LOSS_KIND_KD: _ClassVar[LossKind]
+    LOSS_KIND_DIST: _ClassVar[LossKind]
+    LOSS_KIND_LOGIT_STANDARDIZED_KD: _ClassVar[LossKind]
+    LOSS_KIND_RESPONSE: _ClassVar[LossKind]
 
 class GramNormalization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -71,6 +75,10 @@ LOSS_KIND_ATTENTION_TRANSFER: LossKind
 LOSS_KIND_CORRELATION_CONGRUENCE: LossKind
 LOSS_KIND_NST: LossKind
 LOSS_KIND_RKD: LossKind
+LOSS_KIND_KD: LossKind
+LOSS_KIND_DIST: LossKind
+LOSS_KIND_LOGIT_STANDARDIZED_KD: LossKind
+LOSS_KIND_RESPONSE: LossKind
 GRAM_NORMALIZATION_UNSPECIFIED: GramNormalization
 GRAM_NORMALIZATION_L2: GramNormalization
 GRAM_NORMALIZATION_L1: GramNormalization
@@ -121,7 +129,7 @@ class CudaIpcRef(_message.Message):
     def __init__(self, handle: _Optional[bytes] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ..., device_uuid: _Optional[str] = ...) -> None: ...
 
 class Loss(_message.Message):
-    __slots__ = ("mse", "cosine", "kl_divergence", "combined_kl_mse", "similarity_preserving", "linear_cka", "pkt", "attention_transfer", "correlation_congruence", "nst", "rkd", "reduction")
+    __slots__ = ("mse", "cosine", "kl_divergence", "combined_kl_mse", "similarity_preserving", "linear_cka", "pkt", "attention_transfer", "correlation_congruence", "nst", "rkd", "kd", "dist", "logit_standardized_kd", "response", "reduction")
     class Mse(_message.Message):
         __slots__ = ()
         def __init__(self) -> None: ...
@@ -189,6 +197,34 @@ class Loss(_message.Message):
         distance_weight: float
         angle_weight: float
         def __init__(self, distance_weight: _Optional[float] = ..., angle_weight: _Optional[float] = ...) -> None: ...
+    class Kd(_message.Message):
+        __slots__ = ("temperature",)
+        TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+        temperature: float
+        def __init__(self, temperature: _Optional[float] = ...) -> None: ...
+    class Dist(_message.Message):
+        __slots__ = ("beta", "gamma", "temperature")
+        BETA_FIELD_NUMBER: _ClassVar[int]
+        GAMMA_FIELD_NUMBER: _ClassVar[int]
+        TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+        beta: float
+        gamma: float
+        temperature: float
+        def __init__(self, beta: _Optional[float] = ..., gamma: _Optional[float] = ..., temperature: _Optional[float] = ...) -> None: ...
+    class LogitStandardizedKd(_message.Message):
+        __slots__ = ("temperature",)
+        TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+        temperature: float
+        def __init__(self, temperature: _Optional[float] = ...) -> None: ...
+    class Response(_message.Message):
+        __slots__ = ("hard_label_weight", "soft_label_weight", "soft_loss")
+        HARD_LABEL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+        SOFT_LABEL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+        SOFT_LOSS_FIELD_NUMBER: _ClassVar[int]
+        hard_label_weight: float
+        soft_label_weight: float
+        soft_loss: Loss
+        def __init__(self, hard_label_weight: _Optional[float] = ..., soft_label_weight: _Optional[float] = ..., soft_loss: _Optional[_Union[Loss, _Mapping]] = ...) -> None: ...
     MSE_FIELD_NUMBER: _ClassVar[int]
     COSINE_FIELD_NUMBER: _ClassVar[int]
     KL_DIVERGENCE_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +236,10 @@ class Loss(_message.Message):
     CORRELATION_CONGRUENCE_FIELD_NUMBER: _ClassVar[int]
     NST_FIELD_NUMBER: _ClassVar[int]
     RKD_FIELD_NUMBER: _ClassVar[int]
+    KD_FIELD_NUMBER: _ClassVar[int]
+    DIST_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_STANDARDIZED_KD_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
     REDUCTION_FIELD_NUMBER: _ClassVar[int]
     mse: Loss.Mse
     cosine: Loss.Cosine
@@ -212,8 +252,18 @@ class Loss(_message.Message):
     correlation_congruence: Loss.CorrelationCongruence
     nst: Loss.Nst
     rkd: Loss.Rkd
+    kd: Loss.Kd
+    dist: Loss.Dist
+    logit_standardized_kd: Loss.LogitStandardizedKd
+    response: Loss.Response
     reduction: Reduction
-    def __init__(self, mse: _Optional[_Union[Loss.Mse, _Mapping]] = ..., cosine: _Optional[_Union[Loss.Cosine, _Mapping]] = ..., kl_divergence: _Optional[_Union[Loss.KlDivergence, _Mapping]] = ..., combined_kl_mse: _Optional[_Union[Loss.CombinedKlMse, _Mapping]] = ..., similarity_preserving: _Optional[_Union[Loss.SimilarityPreserving, _Mapping]] = ..., linear_cka: _Optional[_Union[Loss.LinearCka, _Mapping]] = ..., pkt: _Optional[_Union[Loss.Pkt, _Mapping]] = ..., attention_transfer: _Optional[_Union[Loss.AttentionTransfer, _Mapping]] = ..., correlation_congruence: _Optional[_Union[Loss.CorrelationCongruence, _Mapping]] = ..., nst: _Optional[_Union[Loss.Nst, _Mapping]] = ..., rkd: _Optional[_Union[Loss.Rkd, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ...) -> None: ...
+    def __init__(self, mse: _Optional[_Union[Loss.Mse, _Mapping]] = ..., cosine: _Optional[_Union[Loss.Cosine, _Mapping]] = ..., kl_divergence: _Optional[_Union[Loss.KlDivergence, _Mapping]] = ..., combined_kl_mse: _Optional[_Union[Loss.CombinedKlMse, _Mapping]] = ..., similarity_preserving: _Optional[_Union[Loss.SimilarityPreserving, _Mapping]] = ..., linear_cka: _Optional[_Union[Loss.LinearCka, _Mapping]] = ..., pkt: _Optional[_Union[Loss.Pkt, _Mapping]] = ..., attention_transfer: _Optional[_Union[Loss.AttentionTransfer, _Mapping]] = ..., correlation_congruence: _Optional[_Union[Loss.CorrelationCongruence, _Mapping]] = ..., nst: _Optional[_Union[Loss.Nst, _Mapping]] = ..., rkd: _Optional[_Union[Loss.Rkd, _Mapping]] = ..., kd: _Optional[_Union[Loss.Kd, _Mapping]] = ..., dist: _Optional[_Union[Loss.Dist, _Mapping]] = ..., logit_standardized_kd: _Optional[_Union[Loss.LogitStandardizedKd, _Mapping]] = ..., response: _Optional[_Union[Loss.Response, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ...) -> None: ...
+
+class Labels(_message.Message):
+    __slots__ = ("classes",)
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    classes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, classes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Layer(_message.Message):
     __slots__ = ("weight", "loss", "name")
@@ -240,7 +290,7 @@ class LayerLoss(_message.Message):
     def __init__(self, layer_index: _Optional[int] = ..., name: _Optional[str] = ..., loss: _Optional[float] = ..., weighted_loss: _Optional[float] = ..., student_gradient: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ComputeLayerLossRequest(_message.Message):
-    __slots__ = ("layers", "layer_index", "teacher", "student", "return_gradients", "gradient_output", "gradient_cuda_output")
+    __slots__ = ("layers", "layer_index", "teacher", "student", "return_gradients", "gradient_output", "gradient_cuda_output", "labels")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
     TEACHER_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +298,7 @@ class ComputeLayerLossRequest(_message.Message):
     RETURN_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_CUDA_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[Layer]
     layer_index: int
     teacher: Tensor
@@ -255,7 +306,8 @@ class ComputeLayerLossRequest(_message.Message):
     return_gradients: bool
     gradient_output: SharedMemoryRef
     gradient_cuda_output: CudaIpcRef
-    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., layer_index: _Optional[int] = ..., teacher: _Optional[_Union[Tensor, _Mapping]] = ..., student: _Optional[_Union[Tensor, _Mapping]] = ..., return_gradients: _Optional[bool] = ..., gradient_output: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., gradient_cuda_output: _Optional[_Union[CudaIpcRef, _Mapping]] = ...) -> None: ...
+    labels: Labels
+    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., layer_index: _Optional[int] = ..., teacher: _Optional[_Union[Tensor, _Mapping]] = ..., student: _Optional[_Union[Tensor, _Mapping]] = ..., return_gradients: _Optional[bool] = ..., gradient_output: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., gradient_cuda_output: _Optional[_Union[CudaIpcRef, _Mapping]] = ..., labels: _Optional[_Union[Labels, _Mapping]] = ...) -> None: ...
 
 class ComputeLayerLossResponse(_message.Message):
     __slots__ = ("layer_loss",)
@@ -264,20 +316,29 @@ class ComputeLayerLossResponse(_message.Message):
     def __init__(self, layer_loss: _Optional[_Union[LayerLoss, _Mapping]] = ...) -> None: ...
 
 class ComputeTotalLossRequest(_message.Message):
-    __slots__ = ("layers", "teachers", "students", "return_gradients", "gradient_outputs", "gradient_cuda_outputs")
+    __slots__ = ("layers", "teachers", "students", "return_gradients", "gradient_outputs", "gradient_cuda_outputs", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: Labels
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[Labels, _Mapping]] = ...) -> None: ...
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     TEACHERS_FIELD_NUMBER: _ClassVar[int]
     STUDENTS_FIELD_NUMBER: _ClassVar[int]
     RETURN_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_CUDA_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[Layer]
     teachers: _containers.RepeatedCompositeFieldContainer[Tensor]
     students: _containers.RepeatedCompositeFieldContainer[Tensor]
     return_gradients: bool
     gradient_outputs: _containers.RepeatedCompositeFieldContainer[SharedMemoryRef]
     gradient_cuda_outputs: _containers.RepeatedCompositeFieldContainer[CudaIpcRef]
-    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., teachers: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., students: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., return_gradients: _Optional[bool] = ..., gradient_outputs: _Optional[_Iterable[_Union[SharedMemoryRef, _Mapping]]] = ..., gradient_cuda_outputs: _Optional[_Iterable[_Union[CudaIpcRef, _Mapping]]] = ...) -> None: ...
+    labels: _containers.MessageMap[int, Labels]
+    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., teachers: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., students: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., return_gradients: _Optional[bool] = ..., gradient_outputs: _Optional[_Iterable[_Union[SharedMemoryRef, _Mapping]]] = ..., gradient_cuda_outputs: _Optional[_Iterable[_Union[CudaIpcRef, _Mapping]]] = ..., labels: _Optional[_Mapping[int, Labels]] = ...) -> None: ...
 
 class ComputeTotalLossResponse(_message.Message):
     __slots__ = ("total_loss", "layer_losses")
@@ -296,20 +357,29 @@ class StreamConfig(_message.Message):
     def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., return_gradients: _Optional[bool] = ...) -> None: ...
 
 class StreamLossesRequest(_message.Message):
-    __slots__ = ("config", "step_id", "teachers", "students", "gradient_outputs", "gradient_cuda_outputs")
+    __slots__ = ("config", "step_id", "teachers", "students", "gradient_outputs", "gradient_cuda_outputs", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: Labels
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[Labels, _Mapping]] = ...) -> None: ...
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     TEACHERS_FIELD_NUMBER: _ClassVar[int]
     STUDENTS_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_CUDA_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     config: StreamConfig
     step_id: int
     teachers: _containers.RepeatedCompositeFieldContainer[Tensor]
     students: _containers.RepeatedCompositeFieldContainer[Tensor]
     gradient_outputs: _containers.RepeatedCompositeFieldContainer[SharedMemoryRef]
     gradient_cuda_outputs: _containers.RepeatedCompositeFieldContainer[CudaIpcRef]
-    def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., step_id: _Optional[int] = ..., teachers: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., students: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., gradient_outputs: _Optional[_Iterable[_Union[SharedMemoryRef, _Mapping]]] = ..., gradient_cuda_outputs: _Optional[_Iterable[_Union[CudaIpcRef, _Mapping]]] = ...) -> None: ...
+    labels: _containers.MessageMap[int, Labels]
+    def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., step_id: _Optional[int] = ..., teachers: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., students: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., gradient_outputs: _Optional[_Iterable[_Union[SharedMemoryRef, _Mapping]]] = ..., gradient_cuda_outputs: _Optional[_Iterable[_Union[CudaIpcRef, _Mapping]]] = ..., labels: _Optional[_Mapping[int, Labels]] = ...) -> None: ...
 
 class StreamLossesResponse(_message.Message):
     __slots__ = ("step_id", "total_loss", "layer_losses", "error")
