@@ -99,7 +99,7 @@ def in_torchdistill(name: str, params: Params) -> bool:
         (name == "similarity_preserving" and params.get("normalization") == "l1")
         or (name == "pkt" and params.get("mode") == "code")
         or (name == "attention_transfer" and params.get("p", 2) == 2)
-        or (name == "correlation_congruence" and params.get("mode") == "torchdistill")
+        or (name == "correlation_congruence" and params.get("mode") == "code")
         or name == "rkd"
     )
 
@@ -120,7 +120,7 @@ def torchdistill_loss(name: str, params: Params) -> Reference | None:
         pairs = {"pair": {"teacher": teacher, "student": student, "weight": 1}}
         module = mid.ATLoss(pairs, mode=params.get("mode", "paper"))
         return lambda t, s: module({"s": {"output": s}}, {"t": {"output": t}})
-    if name == "correlation_congruence" and params.get("mode") == "torchdistill":
+    if name == "correlation_congruence" and params.get("mode") == "code":
         kernel = {"type": params.get("kernel", "gaussian"), "gamma": params.get("gamma", 0.4)}
         kernel["max_p"] = int(params.get("max_p", 2))
         module = mid.CCKDLoss("s", "t", kernel, reduction="batchmean")
