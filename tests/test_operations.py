@@ -139,6 +139,7 @@ def test_json_logs_carry_grpc_cores_own_lines(
 ) -> None:
     monkeypatch.setenv("GRPC_VERBOSITY", "info")  # the core then warns at start that INFO is not for production
     proc = start_server(["--device", "cpu", "--log-format", "json", "--processes", str(processes)])
+    proc.wait_for_lines("ready on", processes, timeout=60)  # each process has started gRPC
     with DistillClient(proc.target, timeout=10) as client:
         assert client.compute_total_loss(MSE, [np.ones(3)], [np.zeros(3)]).total == 1.0
     proc.stop()
