@@ -87,7 +87,7 @@ def test_the_node_package_tests_pass_against_a_live_server(node_client: Path, se
         env={**os.environ, "DISTILL_TARGET": server.target},
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "# fail 0" in result.stdout and "# pass 4" in result.stdout
+    assert "# fail 0" in result.stdout and "# pass 5" in result.stdout
 
 
 def test_the_node_package_checks_and_carries_the_contract(node_client: Path) -> None:

@@ -7,14 +7,34 @@ export interface Tensor {
   data: Buffer;
 }
 
+/** Which formula a batch loss follows where the reference code departs from the paper. */
+export type Formulation = 'FORMULATION_PAPER' | 'FORMULATION_CODE';
+
+/** One of the loss kinds (the proto's `Loss`); unset options take their defaults. */
+export type Loss =
+  | { mse: Record<string, never> }
+  | { cosine: Record<string, never> }
+  | { kl_divergence: { temperature: number } }
+  | { combined_kl_mse: { kl_weight: number; mse_weight: number; temperature: number } }
+  | { similarity_preserving: { normalization?: 'GRAM_NORMALIZATION_L2' | 'GRAM_NORMALIZATION_L1' } }
+  | { linear_cka: Record<string, never> }
+  | { pkt: { eps?: number; mode?: Formulation } }
+  | { attention_transfer: { p?: number; mode?: Formulation } }
+  | { correlation_congruence: {
+      kernel?: 'CORRELATION_KERNEL_GAUSSIAN' | 'CORRELATION_KERNEL_BILINEAR';
+      gamma?: number; max_p?: number; mode?: Formulation;
+    } }
+  | { nst: { degree?: number; c?: number } }
+  | { rkd: { distance_weight?: number; angle_weight?: number } }
+  | { kd: { temperature?: number } }
+  | { dist: { beta?: number; gamma?: number; temperature?: number } }
+  | { logit_standardized_kd: { temperature?: number } }
+  | { response: { hard_label_weight: number; soft_label_weight: number; soft_loss: Loss } };
+
 /** A layer: `weight * loss(teacher, student)`; `loss` holds one of the loss kinds. */
 export interface Layer {
   weight: number;
-  loss:
-    | { mse: Record<string, never> }
-    | { cosine: Record<string, never> }
-    | { kl_divergence: { temperature: number } }
-    | { combined_kl_mse: { kl_weight: number; mse_weight: number; temperature: number } };
+  loss: Loss;
   name?: string;
 }
 
@@ -50,6 +70,8 @@ export interface ClientOptions {
 export interface CallOptions {
   gradients?: boolean;
   timeout?: number;
+  /** Layer index -> class labels (one per sample), for layers whose loss is `response`. */
+  labels?: Record<number, ArrayLike<number>>;
 }
 
 /** A failed call: its status code name, message, ErrorInfo reason and metadata, and field violations. */
@@ -63,7 +85,9 @@ export class DistillError extends Error {
 
 export class StreamSession {
   readonly closed: boolean;
-  step(teachers: Tensor[], students: Tensor[], stepId?: number): Promise<StepResult>;
+  step(
+    teachers: Tensor[], students: Tensor[], stepId?: number, options?: { labels?: Record<number, ArrayLike<number>> },
+  ): Promise<StepResult>;
   close(): void;
 }
 
@@ -71,7 +95,8 @@ export class DistillClient {
   constructor(target?: string, options?: ClientOptions);
   computeTotalLoss(layers: Layer[], teachers: Tensor[], students: Tensor[], options?: CallOptions): Promise<TotalLoss>;
   computeLayerLoss(
-    layers: Layer[], layerIndex: number, teacher: Tensor, student: Tensor, options?: CallOptions,
+    layers: Layer[], layerIndex: number, teacher: Tensor, student: Tensor,
+    options?: { gradients?: boolean; timeout?: number; labels?: ArrayLike<number> },
   ): Promise<LayerResult>;
   serverInfo(options?: { timeout?: number }): Promise<Record<string, unknown>>;
   stream(layers: Layer[], options?: { gradients?: boolean; stepTimeout?: number }): StreamSession;

@@ -193,18 +193,22 @@ class DistillClient {
     });
   }
 
-  /** The weighted sum of every layer's loss, and each layer's part (with `gradients`, its gradient). */
-  async computeTotalLoss(layers, teachers, students, { gradients = false, timeout } = {}) {
+  /**
+   * The weighted sum of every layer's loss, and each layer's part (with `gradients`, its gradient);
+   * `labels`: layer index -> class labels, for layers whose loss is `response`.
+   */
+  async computeTotalLoss(layers, teachers, students, { gradients = false, timeout, labels } = {}) {
     const response = await this._call('ComputeTotalLoss', {
-      layers, teachers, students, return_gradients: gradients,
+      layers, teachers, students, return_gradients: gradients, labels: labelsByLayer(labels),
     }, timeout);
     return { total: response.total_loss, layers: layerResults(response.layer_losses) };
   }
 
-  /** Layer `layerIndex`'s loss, weighted by its weight. */
-  async computeLayerLoss(layers, layerIndex, teacher, student, { gradients = false, timeout } = {}) {
+  /** Layer `layerIndex`'s loss, weighted by its weight (`labels`: its class labels, for a `response` loss). */
+  async computeLayerLoss(layers, layerIndex, teacher, student, { gradients = false, timeout, labels } = {}) {
     const response = await this._call('ComputeLayerLoss', {
       layers, layer_index: layerIndex, teacher, student, return_gradients: gradients,
+      labels: labels === undefined ? undefined : { classes: Array.from(labels) },
     }, timeout);
     return layerResults([response.layer_loss])[0];
   }
@@ -222,6 +226,12 @@ class DistillClient {
   close() {
     this.stub.close();
   }
+}
+
+/** Class labels by layer index as the requests carry them: `{index: {classes: [...]}}`. */
+function labelsByLayer(labels) {
+  if (labels === undefined) return {};
+  return Object.fromEntries(Object.entries(labels).map(([index, values]) => [index, { classes: Array.from(values) }]));
 }
 
 /** One StreamLosses stream; steps answer in order. A bad step rejects with its error and the stream goes on. */
@@ -246,8 +256,8 @@ class StreamSession {
     for (const next of this.waiting.splice(0)) next.reject(error);
   }
 
-  /** The losses (and gradients, if configured) of one step. */
-  step(teachers, students, stepId = this.nextId) {
+  /** The losses (and gradients, if configured) of one step (`labels` as in computeTotalLoss). */
+  step(teachers, students, stepId = this.nextId, { labels } = {}) {
     if (this.closed) return Promise.reject(new DistillError({ code: 'UNAVAILABLE', message: 'the stream is closed' }));
     this.nextId = stepId + 1;
     return new Promise((resolve, reject) => {
@@ -269,7 +279,7 @@ class StreamSession {
         },
         reject: (error) => { clearTimeout(timer); reject(error); },
       });
-      this.call.write({ step_id: stepId, teachers, students });
+      this.call.write({ step_id: stepId, teachers, students, labels: labelsByLayer(labels) });
     });
   }
 

@@ -58,6 +58,32 @@ test('a stream goes on after a bad step', async () => {
   }
 });
 
+test('a response loss takes its labels, and a batch loss any widths', async () => {
+  const client = new DistillClient(target, { timeout: 30 });
+  try {
+    const response = {
+      weight: 1,
+      loss: { response: { hard_label_weight: 1, soft_label_weight: 0, soft_loss: { mse: {} } } },
+    };
+    const logits = { dtype: 'DTYPE_FLOAT64', shape: [2, 2], data: Buffer.from(new Float64Array([0, 0, 0, 0]).buffer) };
+    const result = await client.computeTotalLoss([response], [logits], [logits], { labels: { 0: [1, 0] } });
+    assert.ok(Math.abs(result.total - Math.log(2)) < 1e-15); // CE of equal logits: ln 2
+    const single = await client.computeLayerLoss([response], 0, logits, logits, { labels: [0, 1] });
+    assert.ok(Math.abs(single.loss - Math.log(2)) < 1e-15);
+    await assert.rejects(client.computeTotalLoss([response], [logits], [logits]), (error) => {
+      assert.equal(error.code, 'INVALID_ARGUMENT');
+      assert.deepEqual(error.fieldViolations.map((v) => v.field), ['labels[0]']);
+      return true;
+    });
+    const wide = { dtype: 'DTYPE_FLOAT64', shape: [3, 4], data: Buffer.from(new Float64Array(12).fill(1).buffer) };
+    const narrow = { dtype: 'DTYPE_FLOAT64', shape: [3, 2], data: Buffer.from(new Float64Array([1, 0, 0, 1, 1, 1]).buffer) };
+    const sp = await client.computeTotalLoss([{ weight: 1, loss: { similarity_preserving: {} } }], [wide], [narrow]);
+    assert.ok(sp.total > 0); // the teacher's samples are alike, the student's are not
+  } finally {
+    client.close();
+  }
+});
+
 test('tensors decode at any byte offset, in every dtype', () => {
   const backing = Buffer.alloc(1 + 8);
   backing.writeFloatLE(1.5, 1);
