@@ -52,6 +52,7 @@ protos: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_loopback.py $(ARGS)
 	$(BIN)/python bench/bench_engine.py
+	$(BIN)/python bench/bench_zoo.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
