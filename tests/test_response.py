@@ -4,6 +4,7 @@ KDLoss with targets, streams, the PyTorch bridge, and every refusal."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from distill.v1 import distill_pb2 as pb
 from distill_client import (
+    AsyncDistillClient,
     DimensionMismatch,
     DistillClient,
     DistilLoss,
@@ -236,3 +238,34 @@ def test_the_distiller_mirrors_the_reference(client: DistillClient) -> None:
         RemoteResponseDistiller.pure_kl(1.0, client=client, target="x:1")
     with pytest.raises(InvalidArgument, match="soft loss"):
         RemoteResponseDistiller(DistilLoss.rkd(), 0.5, 0.5, client=client)
+
+
+def test_labels_travel_with_the_async_client(server: InProcessServer, client: DistillClient) -> None:
+    teacher, student, labels = (x.numpy() for x in logits(batch=6, classes=4, seed_=3))
+    layers = [(1.0, DistilLoss.response(DistilLoss.kl_divergence(2.0), 0.4, 0.6))]
+
+    async def main() -> tuple[Any, Any, Any]:
+        async with AsyncDistillClient(server.target) as aio:
+            total = await aio.compute_total_loss(layers, [teacher], [student], gradients=True, labels={0: labels})
+            layer = await aio.compute_layer_loss(layers, 0, teacher, student, labels=labels)
+            async with aio.stream(layers) as session:
+                step = await session.step([teacher], [student], labels={0: labels})
+            return total, layer, step
+
+    total, layer, step = asyncio.run(main())
+    expected = client.compute_total_loss(layers, [teacher], [student], gradients=True, labels={0: labels})
+    assert total.total == layer.weighted_loss == step.total == expected.total
+    np.testing.assert_array_equal(total.layers[0].gradient, expected.layers[0].gradient)
+
+
+def test_labels_travel_with_tensors_in_shared_memory(server: InProcessServer, client: DistillClient) -> None:
+    teacher, student, labels = (x.numpy() for x in logits(batch=6, classes=4, seed_=4))
+    layers = [(1.0, DistilLoss.response(DistilLoss.mse(), 1.0, 1.0))]
+    expected = client.compute_total_loss(layers, [teacher], [student], gradients=True, labels={0: labels})
+    with DistillClient(server.target, transport="shm") as shared:
+        got = shared.compute_total_loss(layers, [teacher], [student], gradients=True, labels={0: labels})
+        with shared.stream(layers, gradients=True) as session:
+            step = session.step([teacher], [student], labels={0: labels})
+    assert got.total == step.total == expected.total
+    np.testing.assert_array_equal(got.layers[0].gradient, expected.layers[0].gradient)
+    np.testing.assert_array_equal(step.layers[0].gradient, expected.layers[0].gradient)
