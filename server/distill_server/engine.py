@@ -671,14 +671,8 @@ def _evaluate_response(
     return value, out
 
 
-def _check_response(
-    index: int, loss: DistilLoss, teacher: Any, student: Any, labels: Any, fields: tuple[str, str, str]
-) -> None:
-    """Response distillation's inputs, in the reference's order: the student's
-    logits, the teacher's, then the labels (one per row, each a class)."""
-    for field, array in ((fields[1], student), (fields[0], teacher)):
-        if array.size == 0:
-            raise EmptyInput(f"layer {index}: {field} is empty", layer=index, field=field)
+def _check_sizes(index: int, teacher: Any, student: Any, fields: Sequence[str]) -> None:
+    """Teacher and student of one element count (the reference's ``TeacherStudentMismatch``)."""
     if teacher.size != student.size:
         raise TeacherStudentMismatch(
             f"layer {index}: {fields[0]} has {teacher.size} elements but {fields[1]} has {student.size}",
@@ -687,6 +681,17 @@ def _check_response(
             teacher=teacher.size,
             student=student.size,
         )
+
+
+def _check_response(
+    index: int, loss: DistilLoss, teacher: Any, student: Any, labels: Any, fields: tuple[str, str, str]
+) -> None:
+    """Response distillation's inputs, in the reference's order: the student's
+    logits, the teacher's, then the labels (one per row, each a class)."""
+    for field, array in ((fields[1], student), (fields[0], teacher)):
+        if array.size == 0:
+            raise EmptyInput(f"layer {index}: {field} is empty", layer=index, field=field)
+    _check_sizes(index, teacher, student, fields)
     if teacher.shape != student.shape or student.ndim > 2:
         raise ShapeMismatch(
             f"layer {index}: {loss!r} takes logits [batch, classes] (or one sample's [classes]) of one shape; "
@@ -820,14 +825,7 @@ def _check_pair(
     if loss.batched:
         _check_batch(index, loss, teacher, student, fields[:2])
         return
-    if teacher.size != student.size:
-        raise TeacherStudentMismatch(
-            f"layer {index}: {fields[0]} has {teacher.size} elements but {fields[1]} has {student.size}",
-            layer=index,
-            field=fields[1],
-            teacher=teacher.size,
-            student=student.size,
-        )
+    _check_sizes(index, teacher, student, fields)
     if loss.reduction is Reduction.PER_ROW and teacher.shape != student.shape:
         raise ShapeMismatch(
             f"layer {index}: {loss!r} compares rows, so {fields[0]} and {fields[1]} must have the same shape; "
