@@ -16,7 +16,7 @@ import pytest
 from distill_client import DistilLoss, RemoteFeatureDistiller
 from distill_core.errors import LossOverflow
 from distill_core.losses import LossKind, Reduction
-from distill_server import backend, engine
+from distill_server import backend, engine, interruption
 from distill_server.engine import Layer
 from tests import seed
 from tests.reference import reference
@@ -300,9 +300,25 @@ def test_a_check_stops_a_large_computation() -> None:
     t, s = np.linspace(-1, 1, n, dtype=np.float32), np.linspace(1, -1, n, dtype=np.float32)
     layers = [Layer(1.0, DistilLoss.combined(0.5, 0.5, 2.0))]
     check = Counter(stop_at=5)
-    with engine.interruptible(check), pytest.raises(Stop):
+    with interruption.interruptible(check), pytest.raises(Stop):
         engine.total_loss(layers, [t], [s], gradient=True)
     assert check.calls == 5  # stopped at once, not after the remaining 123 blocks
+
+
+def test_a_check_stops_a_batch_loss_between_its_blocks() -> None:
+    rng = np.random.default_rng(3)
+    t, s = rng.normal(size=(256, 64)), rng.normal(size=(256, 16))  # RKD at its batch limit: angles in blocks
+    layers = [Layer(1.0, DistilLoss.rkd())]
+    before, between = Counter(stop_at=1), Counter(stop_at=3)
+    with interruption.interruptible(before), pytest.raises(Stop):
+        engine.total_loss(layers, [t], [s], gradient=True)
+    with interruption.interruptible(between), pytest.raises(Stop):
+        engine.total_loss(layers, [t], [s], gradient=True)
+    assert (before.calls, between.calls) == (1, 3)  # before any work, then between the blocks of anchors
+    counted = Counter()
+    with interruption.interruptible(counted):
+        engine.total_loss(layers, [t], [s], gradient=True)
+    assert counted.calls > 3
 
 
 BLOCK = backend.CPU_BLOCK
@@ -324,9 +340,9 @@ def test_the_check_runs_once_per_block_in_every_pass(loss: DistilLoss, shape: An
     t = rng.normal(size=shape).astype(np.float32)
     s = rng.normal(size=shape).astype(np.float32)
     value_pass, both_passes = Counter(), Counter()
-    with engine.interruptible(value_pass):
+    with interruption.interruptible(value_pass):
         engine.evaluate(loss, t, s)
-    with engine.interruptible(both_passes):
+    with interruption.interruptible(both_passes):
         engine.evaluate(loss, t, s, 1.0)
     assert value_pass.calls >= blocks
     assert both_passes.calls >= 2 * blocks
@@ -338,7 +354,7 @@ def test_the_check_runs_in_the_rescaled_cosine_passes() -> None:
     t = np.full(n, 1e200)
     s = np.linspace(1e199, 2e199, n)
     check = Counter()
-    with engine.interruptible(check):
+    with interruption.interruptible(check):
         value, _ = engine.evaluate(DistilLoss.cosine(), t, s, 1.0)
     assert value == pytest.approx(reference(DistilLoss.cosine(), t / 1e200, s / 1e199), abs=1e-15)
     assert check.calls >= 5 * 3
@@ -347,7 +363,7 @@ def test_the_check_runs_in_the_rescaled_cosine_passes() -> None:
 def test_without_interruptible_there_is_no_check() -> None:
     t = np.ones(3 * BLOCK, np.float32)
     check = Counter()
-    with engine.interruptible(check):
+    with interruption.interruptible(check):
         engine.loss_value(DistilLoss.mse(), t, t)
     calls = check.calls
     engine.loss_value(DistilLoss.mse(), t, t)
@@ -357,8 +373,8 @@ def test_without_interruptible_there_is_no_check() -> None:
 def test_interruptible_nests_and_is_per_thread() -> None:
     t = np.ones(2 * BLOCK, np.float32)
     outer, inner, other = Counter(), Counter(), Counter()
-    with engine.interruptible(outer):
-        with engine.interruptible(inner):
+    with interruption.interruptible(outer):
+        with interruption.interruptible(inner):
             engine.loss_value(DistilLoss.mse(), t, t)
         assert (outer.calls, inner.calls) == (0, 2)
         engine.loss_value(DistilLoss.mse(), t, t)
@@ -368,7 +384,7 @@ def test_interruptible_nests_and_is_per_thread() -> None:
         worker.start()
         worker.join()
         assert outer.calls == 2
-    with engine.interruptible(other):
+    with interruption.interruptible(other):
         thread = threading.Thread(target=lambda: engine.loss_value(DistilLoss.mse(), t, t))
         thread.start()
         thread.join()

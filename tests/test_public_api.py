@@ -40,6 +40,7 @@ MODULES = [
     "distill_server.cuda_ipc",
     "distill_server.decoding",
     "distill_server.engine",
+    "distill_server.interruption",
     "distill_server.logs",
     "distill_server.metrics",
     "distill_server.probe",

@@ -29,9 +29,10 @@ compare samples with samples, so they need whole tensors: their math is in
 :data:`BATCH_MAX_ELEMENTS` and its batch limits, and this module stores
 their gradients like every other.
 
-Every block loop goes through :func:`_blocks`, which runs the check that
-:func:`interruptible` installs, so a server can stop abandoned work between
-blocks (on a GPU, between passes).
+Every block loop goes through :func:`~distill_server.interruption.blocks`,
+which runs the check that :func:`~distill_server.interruption.interruptible`
+installs, so a server can stop abandoned work between blocks (on a GPU,
+between passes).
 
 The distiller functions at the end reproduce the reference
 ``FeatureDistiller``: its checks, their order and its error kinds.
@@ -39,10 +40,8 @@ The distiller functions at the end reproduce the reference
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -62,6 +61,7 @@ from distill_core.errors import (
 from distill_core.losses import DistilLoss, LayerLoss, LossKind, Reduction
 from distill_server import relational
 from distill_server.backend import array_module, block_size
+from distill_server.interruption import blocks, check
 
 __all__ = [
     "BATCH_MAX_ELEMENTS",
@@ -70,7 +70,6 @@ __all__ = [
     "Layer",
     "LayerResult",
     "evaluate",
-    "interruptible",
     "layer_loss",
     "loss_value",
     "total_loss",
@@ -88,40 +87,6 @@ _SMALL_GAP = 1e-2
 """KL rows whose logit gaps ``|s - t| / tau`` are all at most this get their
 gradient ``q - p`` in a form accurate relative to the gap (see
 :meth:`_Pass._kl_gradient`); wider gaps do not cancel enough to need it."""
-
-
-# ---------------------------------------------------------------- interruption
-
-_CHECK: ContextVar[Callable[[], None] | None] = ContextVar("distill_server.engine.check", default=None)
-
-
-@contextlib.contextmanager
-def interruptible(check: Callable[[], None]) -> Iterator[None]:
-    """Call ``check()`` before every block the engine computes in this context.
-
-    So a server can stop abandoned work (a cancelled call, a passed deadline)
-    between blocks: whatever ``check`` raises propagates out of the engine
-    call unchanged. The check is held in a :class:`contextvars.ContextVar`:
-    it applies to the calling thread (and to work started from it with a
-    copy of its context, e.g. ``asyncio.to_thread``; ``run_in_executor``
-    does not copy it, so install the check inside the worker function). An
-    inner ``interruptible`` replaces an outer one until it exits. Without
-    one, the engine runs no check.
-    """
-    token = _CHECK.set(check)
-    try:
-        yield
-    finally:
-        _CHECK.reset(token)
-
-
-def _blocks(n: int, size: int) -> Iterator[slice]:
-    """``range(n)`` in slices of ``size``; the installed check runs before each."""
-    check = _CHECK.get()
-    for start in range(0, n, size):
-        if check is not None:
-            check()
-        yield slice(start, min(start + size, n))
 
 
 # ---------------------------------------------------------------- the sums
@@ -355,7 +320,7 @@ class _Pass:
         """The column chunks of the rows ``block``, each with ``(rows, columns)`` views of
         the five scratch buffers (None for those this loss does not use)."""
         rows = block.stop - block.start
-        for cols in _blocks(self.width, self.chunk):
+        for cols in blocks(self.width, self.chunk):
             size, shape = rows * (cols.stop - cols.start), (rows, cols.stop - cols.start)
             views = [buffer[:size].reshape(shape) for buffer in self.scratch]
             yield cols, views + [None] * (5 - len(views))
@@ -485,12 +450,12 @@ class _CudaPass:
 
     def row_max(self, x: Any, block: slice) -> Any:
         """``max |x|`` of each row of ``x[block]``."""
-        _check()
+        check()
         return self._rows(self.xp.abs(x[block]).max(axis=1).astype(self.xp.float64))
 
     def sums(self, block: slice, kt: Any = None, ks: Any = None) -> _Sums:
         """Pass 1: the sums of the rows ``block`` (divided by ``kt, ks`` if given)."""
-        _check()
+        check()
         host = self.row_module is np
         found = self.kernels.row_sums(self.program, self.t[block], self.s[block], self.terms.tau, kt, ks, host=host)
         sums = _Sums()
@@ -504,7 +469,7 @@ class _CudaPass:
 
     def gradient_pass(self, block: slice, factors: _Factors, out: Any) -> float:
         """Pass 2: write the rows ``block`` of the gradient into ``out``; returns its largest magnitude."""
-        _check()
+        check()
         return self.kernels.gradient(
             self.program,
             self.t[block],
@@ -531,13 +496,6 @@ _ROWS_ON_HOST = 1 << 12
 """Up to this many rows, a GPU pass brings its per-row sums to the host in one
 copy and the per-row math runs in NumPy: a few microseconds, where each CuPy
 operation on a handful of values costs a launch."""
-
-
-def _check() -> None:
-    """Run the check :func:`interruptible` installed, if any."""
-    check = _CHECK.get()
-    if check is not None:
-        check()
 
 
 def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None, out: Any = None) -> tuple[float, Any]:

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from distill_core.losses import OPTIONS, LossKind, Option, option_problem
+from distill_server.interruption import blocks, check
 
 __all__ = ["LOSSES", "MAX_BATCH", "NST_MAX_CHANNELS", "Relational", "Undefined"]
 
@@ -176,12 +177,13 @@ def _checker(
 
 
 def _quiet(evaluate: Evaluate) -> Evaluate:
-    """``evaluate`` without NumPy's floating-point warnings: an overflow (float64
-    inputs beyond about 1e150, whose squares overflow) shows in the value,
-    which the caller checks."""
+    """``evaluate`` without NumPy's floating-point warnings (an overflow, float64
+    inputs beyond about 1e150 whose squares overflow, shows in the value,
+    which the caller checks), after the installed interruption check."""
 
     @functools.wraps(evaluate)
     def quiet(xp: Any, teacher: Any, student: Any, params: Mapping[str, Any], gradient: bool) -> tuple[float, Any]:
+        check()  # abandoned while queued: stop before any work (the blocked losses also check per block)
         with np.errstate(all="ignore"):
             return evaluate(xp, teacher, student, params, gradient)
 
@@ -535,8 +537,7 @@ def _nst_evaluate(xp: Any, teacher: Any, student: Any, params: Mapping[str, Any]
     grad = xp.empty_like(us) if gradient else None
     total = 0.0
     step = max(1, _NST_BLOCK // (n_t * n_t + n_s * n_s + n_s * n_t))
-    for start in range(0, b, step):
-        block = slice(start, min(start + step, b))
+    for block in blocks(b, step):
         bt, bs = ut[block], us[block]
         factors: dict[bool, Any] = {}  # is the other side the student -> d loss / d kernel
         for (x, y), weight in zip(
@@ -670,8 +671,7 @@ def _rkd_evaluate(xp: Any, teacher: Any, student: Any, params: Mapping[str, Any]
     if w_angle:
         ut, us = t.inverse_lengths()[0], s.inverse_lengths()
         step = max(1, _RKD_BLOCK // (b * b))
-        for start in range(0, b, step):
-            block = slice(start, min(start + step, b))
+        for block in blocks(b, step):
             a = s.angles(block, us[0])
             h = a - t.angles(block, ut)
             value += w_angle * _huber(xp, h) / b**3

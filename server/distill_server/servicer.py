@@ -51,6 +51,7 @@ from distill_server.admission import READ_COPIES, Budget, Reservation, Work
 from distill_server.backend import Backend
 from distill_server.config import Limits
 from distill_server.cuda_ipc import CudaIpc, Reference, Session, output_reference
+from distill_server.interruption import interruptible
 from distill_server.metrics import Metrics
 from distill_server.shared_memory import Regions
 from distill_server.status import bounded, to_rich_status, to_status
@@ -444,8 +445,8 @@ class DistillServicer:
         ``work``; an answer over the message limit is an error, not a send."""
         if work is not None:
             work.check()  # dropped while it was queued
-        interruptible = engine.interruptible(work.check) if work else contextlib.nullcontext()
-        with self.backend.activate(), interruptible:
+        stoppable = interruptible(work.check) if work else contextlib.nullcontext()
+        with self.backend.activate(), stoppable:
             response = method(request)
         if len(response) > self.limits.max_message_bytes:
             raise MessageTooLarge(
