@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.v1 import distill_pb2 as pb
+from distill.v1 import distill_pb2_grpc as pb_grpc
 from distill_client import (
     AsyncDistillClient,
     DimensionMismatch,
@@ -21,15 +22,16 @@ from distill_client import (
     DistilLoss,
     EmptyInput,
     InvalidArgument,
+    LimitExceeded,
     NonFiniteInput,
     RemoteResponseDistiller,
     ShapeMismatch,
 )
 from distill_client.torch import RemoteDistillLoss
-from distill_core import tensors
-from distill_core.errors import DistillError
+from distill_core import tensors, wire
+from distill_core.errors import DistillError, from_rpc_error
 from tests import seed
-from tests.servers import InProcessServer
+from tests.servers import InProcessServer, ServerProcess
 from tests.test_e2e import raw_call
 
 BALANCED = {"kind": "kl_divergence", "temperature": 4.0}
@@ -269,3 +271,18 @@ def test_labels_travel_with_tensors_in_shared_memory(server: InProcessServer, cl
     assert got.total == step.total == expected.total
     np.testing.assert_array_equal(got.layers[0].gradient, expected.layers[0].gradient)
     np.testing.assert_array_equal(step.layers[0].gradient, expected.layers[0].gradient)
+
+
+def test_a_flood_of_labels_is_refused_by_a_server_process(start_server: type[ServerProcess]) -> None:
+    proc = start_server(["--device", "cpu"])
+    flood = pb.ComputeTotalLossRequest(labels={0: pb.Labels(classes=[1] * (wire.MAX_LABEL_BYTES + 1))})
+    with grpc.insecure_channel(proc.target) as channel:
+        stub = pb_grpc.DistillServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ComputeTotalLoss(flood, timeout=30)
+    error = from_rpc_error(info.value)
+    assert isinstance(error, LimitExceeded) and error.field == "labels" and error.limit == wire.MAX_LABEL_BYTES
+    with DistillClient(proc.target, timeout=10) as client:  # and it goes on serving
+        teacher, student, labels = (x.numpy() for x in logits(batch=4, classes=3))
+        loss = DistilLoss.response(DistilLoss.mse(), 1.0, 0.0)
+        assert client.compute_total_loss([(1.0, loss)], [teacher], [student], labels={0: labels}).total > 0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from distill.v1 import distill_pb2 as pb
-from distill_client import DistilLoss, InvalidArgument
+from distill_client import DistilLoss, InvalidArgument, LimitExceeded
 from distill_core import tensors, wire
 from tests.fuzzing import varint
 
@@ -145,3 +145,20 @@ def test_a_repeated_singular_tensor_merges_as_protobuf_does() -> None:
 def test_malformed_requests_are_invalid_arguments(payload: bytes) -> None:
     with pytest.raises(InvalidArgument, match="malformed request"):
         wire.split(pb.ComputeTotalLossRequest, payload, 8)
+
+
+def test_labels_beyond_their_byte_limit_are_refused_before_protobuf_unpacks_them() -> None:
+    ones = [1] * (wire.MAX_LABEL_BYTES // 2)  # 1-byte varints: 8 MiB of labels would unpack into 64 MiB
+    at_limit = pb.ComputeTotalLossRequest(
+        labels={0: pb.Labels(classes=ones), 1: pb.Labels(classes=ones[:-64])}
+    )  # less their framing
+    message, _ = wire.split(pb.ComputeTotalLossRequest, at_limit.SerializeToString(), 64)
+    assert len(message.labels[0].classes) == len(ones)
+    over = pb.ComputeTotalLossRequest(labels={0: pb.Labels(classes=ones), 1: pb.Labels(classes=ones)})
+    with pytest.raises(LimitExceeded) as info:
+        wire.split(pb.ComputeTotalLossRequest, over.SerializeToString(), 64)
+    assert (info.value.field, info.value.limit) == ("labels", wire.MAX_LABEL_BYTES)
+    assert info.value.got > wire.MAX_LABEL_BYTES
+    step = pb.StreamLossesRequest(labels={3: pb.Labels(classes=ones + ones)})
+    with pytest.raises(LimitExceeded):
+        wire.split(pb.StreamLossesRequest, step.SerializeToString(), 64)

@@ -33,7 +33,7 @@ from distill.v1 import distill_pb2 as pb
 from distill_core.errors import InvalidArgument, LimitExceeded
 from distill_core.tensors import MAX_RANK, to_wire
 
-__all__ = ["Framed", "TensorView", "build", "frame", "split"]
+__all__ = ["MAX_LABEL_BYTES", "Framed", "TensorView", "build", "frame", "split"]
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _DATA_FIELD = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
@@ -44,6 +44,12 @@ _TENSOR_FIELDS = 2 * MAX_RANK + 8
 """Most fields one Tensor occurrence may hold (an unpacked shape is one per dimension)."""
 _SCALAR_FIELDS = 64
 """Most top-level fields of a request besides its layers and tensors."""
+
+MAX_LABEL_BYTES = 16 << 20
+"""Most bytes of class labels (``labels``) a request may hold. Protobuf
+unpacks each label into 8 bytes, so a label of 1 byte on the wire costs 8:
+this bounds what labels make the server hold (128 MiB), far above the 2^21
+rows of a response loss's largest logits."""
 
 Chunk = bytes | memoryview
 
@@ -191,7 +197,7 @@ def split(
 
     Raises:
         LimitExceeded: a Tensor field repeated more than ``max_tensors``
-            times (``--max-layers``).
+            times (``--max-layers``), or labels beyond :data:`MAX_LABEL_BYTES`.
         InvalidArgument: the bytes are not a valid message of this type, or
             hold more top-level fields than ``max_tensors`` layers can need.
     """
@@ -202,8 +208,19 @@ def split(
     rest: list[Chunk] = []
     spans: dict[str, list[list[tuple[int, int]]]] = {field.name: [] for field in by_number.values()}
     most = 6 * max_tensors + _SCALAR_FIELDS  # layers, teachers, students, two kinds of gradient outputs, labels
+    labels = message_type.DESCRIPTOR.fields_by_name.get("labels")
+    label_bytes = 0
     for number, wire_type, field_start, value_start, value_stop in _fields(buffer, 0, len(buffer), most):
         field = by_number.get(number)
+        if labels is not None and number == labels.number:
+            label_bytes += value_stop - value_start
+            if label_bytes > MAX_LABEL_BYTES:
+                raise LimitExceeded(
+                    f"the request's labels take more than {MAX_LABEL_BYTES} bytes; send fewer samples per call",
+                    field="labels",
+                    limit=MAX_LABEL_BYTES,
+                    got=label_bytes,
+                )
         if field is None or wire_type != _LEN:
             rest.append(buffer[field_start:value_stop])
         elif field.is_repeated or not spans[field.name]:
