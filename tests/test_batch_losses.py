@@ -8,6 +8,9 @@ math gives, in every transport, and refuse what it cannot compare.
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -30,8 +33,11 @@ from distill_client import (
 from distill_client.torch import RemoteDistillLoss
 from distill_core import tensors
 from distill_server import engine, relational
-from tests.servers import InProcessServer
+from distill_server.config import ServerConfig
+from tests.servers import InProcessServer, eventually
 from tests.test_e2e import raw_call
+
+MSE = [(1.0, DistilLoss.mse())]
 
 BATCH_LOSSES = [
     DistilLoss.similarity_preserving(),
@@ -274,3 +280,26 @@ def test_unset_options_mean_the_defaults() -> None:
     assert rkd.params == {"distance_weight": 0.0, "angle_weight": 2.0}
     sp = DistilLoss.from_proto(pb.Loss(similarity_preserving=pb.Loss.SimilarityPreserving()))
     assert sp.params == {"normalization": "l2"}
+
+
+def test_a_small_but_slow_batch_loss_does_not_stall_other_calls(
+    start_in_process: Callable[[ServerConfig], InProcessServer],
+) -> None:
+    # 12 KB of RKD at its batch limit is ~10^7 angle terms: computed on the event loop it would
+    # hold every other call until it ended; in the pool, a small call is answered meanwhile.
+    server = start_in_process(ServerConfig(port=0))
+    rng = np.random.default_rng(9)
+    teacher = rng.normal(size=(256, 16)).astype(np.float16)
+    student = rng.normal(size=(256, 8)).astype(np.float16)
+    with DistillClient(server.target, timeout=60) as client:
+        slow = threading.Thread(
+            target=client.compute_total_loss,
+            args=([(1.0, DistilLoss.rkd())], [teacher], [student]),
+            kwargs={"gradients": True},
+        )
+        slow.start()
+        eventually(lambda: server.server.servicer.active_calls == 1, what="the RKD call in flight")
+        time.sleep(0.05)  # it is computing now (it takes about 0.5 s on two cores)
+        assert client.compute_total_loss(MSE, [np.ones(3)], [np.zeros(3)]).total == 1.0
+        assert slow.is_alive()  # answered while the batch loss still computes
+        slow.join(60)

@@ -15,6 +15,7 @@ from distill_core import tensors
 from distill_core.errors import InvalidArgument
 
 __all__ = [
+    "ELEMENTWISE",
     "MAX_EXPONENT",
     "MAX_ORDER",
     "OPTIONS",
@@ -23,6 +24,7 @@ __all__ = [
     "LossKind",
     "Option",
     "Reduction",
+    "kind_of",
     "option_problem",
 ]
 
@@ -80,8 +82,18 @@ _ONEOF = {
     LossKind.RESPONSE: "response",
 }
 _KINDS = {name: kind for kind, name in _ONEOF.items()}
-_PER_SAMPLE = (LossKind.MSE, LossKind.COSINE, LossKind.KL_DIVERGENCE, LossKind.COMBINED)
+ELEMENTWISE = (LossKind.MSE, LossKind.COSINE, LossKind.KL_DIVERGENCE, LossKind.COMBINED)
+"""The losses that compare teacher and student element by element, computed
+in blocks: their cost is in proportion to their bytes. (The others hold
+whole tensors, and the batch losses' cost grows faster than their inputs.)"""
+_PER_SAMPLE = ELEMENTWISE
 """The losses a response distillation's soft term may be: each sample's row compared element-wise."""
+
+
+def kind_of(message: pb.Loss) -> LossKind | None:
+    """The kind a Loss message names, without checking its parameters (None: no kind)."""
+    name = message.WhichOneof("kind")
+    return None if name is None else _KINDS[name]
 _CONSTRUCTORS = {**_ONEOF, LossKind.COMBINED: "combined"}
 _REDUCTIONS = {pb.REDUCTION_UNSPECIFIED: Reduction.FLATTEN, **{r.value: r for r in Reduction}}
 

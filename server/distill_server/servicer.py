@@ -44,7 +44,7 @@ from distill_core.errors import (
     MessageTooLarge,
     Unavailable,
 )
-from distill_core.losses import LossKind
+from distill_core.losses import ELEMENTWISE, LossKind, kind_of
 from distill_core.rpc import RPCS, SERVICE_NAME
 from distill_server import __version__, engine, validation
 from distill_server.admission import READ_COPIES, Budget, Reservation, Work
@@ -71,7 +71,14 @@ _WIRE_CODES = {dtype: code for code, dtype in tensors.DTYPES.items()}
 
 INLINE_BYTES = 64 * 1024
 """Requests up to this size are computed on the event loop: a hop to a pool
-thread costs more (about 0.1 ms here) than their whole computation."""
+thread costs more (about 0.1 ms here) than their whole computation. Only
+element-wise losses: a batch loss of a few kilobytes can take a second
+(RKD's angles grow as the batch cubed), which would stall every call."""
+
+
+def _elementwise(layers: Sequence[pb.Layer]) -> bool:
+    """Whether every layer's loss is element-wise (a kind-less one fails its check at once)."""
+    return all(kind_of(layer.loss) in (*ELEMENTWISE, None) for layer in layers)
 
 
 @dataclass(frozen=True)
@@ -136,12 +143,12 @@ class DistillServicer:
     async def ComputeLayerLoss(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         async with self._call("ComputeLayerLoss", context) as call:
             request = call.hold(self._parse(pb.ComputeLayerLossRequest, await call.request()))
-            await call.answer(await call.run(self._layer_loss, request))
+            await call.answer(await call.run(self._layer_loss, request, _elementwise(request.message.layers)))
 
     async def ComputeTotalLoss(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         async with self._call("ComputeTotalLoss", context) as call:
             request = call.hold(self._parse(pb.ComputeTotalLossRequest, await call.request()))
-            await call.answer(await call.run(self._total_loss, request))
+            await call.answer(await call.run(self._total_loss, request, _elementwise(request.message.layers)))
 
     async def StreamLosses(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         """One configuration, then one response per step; a failed step
@@ -430,7 +437,7 @@ class DistillServicer:
         try:
             parsed = self._parse(pb.StreamLossesRequest, payload)
             step_id = parsed.message.step_id
-            response = await call.run(step, parsed)
+            response = await call.run(step, parsed, all(layer.loss.kind in ELEMENTWISE for layer in layers))
         except DistillError as error:
             if error is call.dropped:
                 raise  # the stream is over (dropped: a drain, a timeout), not the step
@@ -671,12 +678,15 @@ class _Call:
         finally:
             self.waiting = None
 
-    async def run(self, method: Callable[[Parsed[Any]], bytes], request: Parsed[Any]) -> bytes:
-        """``method(request)``: on the event loop when small, else in the pool,
-        where it stops at its next block once the call is abandoned."""
+    async def run(
+        self, method: Callable[[Parsed[Any]], bytes], request: Parsed[Any], elementwise: bool = True
+    ) -> bytes:
+        """``method(request)``: on the event loop when small and ``elementwise``
+        (its cost in proportion to its bytes), else in the pool, where it stops
+        at its next block once the call is abandoned."""
         servicer = self.servicer
         try:
-            if request.nbytes + request.device_bytes <= INLINE_BYTES:
+            if elementwise and request.nbytes + request.device_bytes <= INLINE_BYTES:
                 return servicer.compute(method, request)
             self._work = work = Work()
             if self.dropped is not None:
