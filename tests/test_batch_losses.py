@@ -303,3 +303,26 @@ def test_a_small_but_slow_batch_loss_does_not_stall_other_calls(
         assert client.compute_total_loss(MSE, [np.ones(3)], [np.zeros(3)]).total == 1.0
         assert slow.is_alive()  # answered while the batch loss still computes
         slow.join(60)
+
+
+def test_nst_beyond_its_work_budget_is_refused(client: DistillClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    work, most = relational.MAX_WORK["nst"]
+    assert work((8192, 2048, 1), (8192, 2048, 1)) > most  # 64 MiB of float16 within every size limit: refused
+    assert work((256, 128, 8, 8), (256, 64, 8, 8)) < most  # a realistic pair of maps: taken
+    teacher, student = np.ones((4, 8, 2, 2), np.float32), np.ones((4, 4, 2, 2), np.float32)
+    monkeypatch.setitem(relational.MAX_WORK, "nst", (work, 100))
+    with pytest.raises(LimitExceeded) as info:
+        client.compute_total_loss([(1.0, DistilLoss.nst())], [teacher], [student])
+    assert (info.value.limit, info.value.got) == (100, 4 * (64 + 16 + 32) * (4 + 40))
+    assert info.value.field == "teachers[0].shape" and "multiply-adds" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("loss", "shape"), [(DistilLoss.dist(), (4, 5)), (DistilLoss.similarity_preserving(), (4, 5))], ids=repr
+)
+def test_an_infinity_a_softmax_would_hide_is_refused(client: DistillClient, loss: DistilLoss, shape: Any) -> None:
+    teacher = np.ones(shape, np.float32)
+    teacher[1, 2] = -np.inf  # DIST's softmax makes it a probability of 0: a finite, wrong loss
+    with pytest.raises(NonFiniteInput) as info:
+        client.compute_total_loss([(1.0, loss)], [teacher], [np.ones(shape, np.float32)])
+    assert (info.value.field, info.value.index) == ("teachers[0].data", 7)

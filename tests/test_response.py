@@ -286,3 +286,10 @@ def test_a_flood_of_labels_is_refused_by_a_server_process(start_server: type[Ser
         teacher, student, labels = (x.numpy() for x in logits(batch=4, classes=3))
         loss = DistilLoss.response(DistilLoss.mse(), 1.0, 0.0)
         assert client.compute_total_loss([(1.0, loss)], [teacher], [student], labels={0: labels}).total > 0
+
+
+def test_a_scalar_is_not_logits(client: DistillClient) -> None:
+    loss = DistilLoss.response(DistilLoss.kl_divergence(2.0), 0.5, 0.5)
+    with pytest.raises(ShapeMismatch) as info:
+        client.compute_layer_loss([(1.0, loss)], 0, np.array(1.0, np.float32), np.array(2.0, np.float32), labels=[0])
+    assert info.value.field == "student.shape" and "[classes]" in info.value.message

@@ -58,7 +58,7 @@ from distill_core.errors import (
     ShapeMismatch,
     TeacherStudentMismatch,
 )
-from distill_core.losses import DistilLoss, LayerLoss, LossKind, Reduction
+from distill_core.losses import ELEMENTWISE, DistilLoss, LayerLoss, LossKind, Reduction
 from distill_server import relational
 from distill_server.backend import array_module, block_size
 from distill_server.interruption import blocks, check
@@ -650,7 +650,7 @@ def _check_response(
         if array.size == 0:
             raise EmptyInput(f"layer {index}: {field} is empty", layer=index, field=field)
     _check_sizes(index, teacher, student, fields)
-    if teacher.shape != student.shape or student.ndim > 2:
+    if teacher.shape != student.shape or student.ndim not in (1, 2):
         raise ShapeMismatch(
             f"layer {index}: {loss!r} takes logits [batch, classes] (or one sample's [classes]) of one shape; "
             f"got {list(teacher.shape)} and {list(student.shape)}",
@@ -719,6 +719,18 @@ def _check_batch(index: int, loss: DistilLoss, teacher: Any, student: Any, field
     problem = relational.LOSSES[name].check(tuple(teacher.shape), tuple(student.shape), loss.params)
     if problem is not None:
         raise ShapeMismatch(f"layer {index}: {loss!r}: {problem}", layer=index, field=f"{fields[1]}.shape")
+    if name in relational.MAX_WORK:
+        work, most = relational.MAX_WORK[name]
+        needed = work(tuple(teacher.shape), tuple(student.shape))
+        if needed > most:
+            raise LimitExceeded(
+                f"layer {index}: {name} of {list(teacher.shape)} and {list(student.shape)} is {needed:.3g} "
+                f"multiply-adds; it takes at most {most:.3g} (fewer samples or channels per call)",
+                layer=index,
+                field=f"{fields[0]}.shape",
+                limit=most,
+                got=needed,
+            )
 
 
 # ---------------------------------------------------------------- one layer
@@ -799,6 +811,20 @@ def _first_non_finite(array: Any) -> int | None:
     return int(bad[0]) if bad.size else None
 
 
+def _check_finite(index: int, teacher: Any, student: Any, fields: Sequence[str]) -> None:
+    """NaN and infinity in the inputs are errors, naming the first one."""
+    for field, array in zip(fields[:2], (teacher, student), strict=True):
+        at = _first_non_finite(array)
+        if at is not None:
+            raise NonFiniteInput(
+                f"layer {index}: {field} holds {float(array.reshape(-1)[at])} at flat index {at}; "
+                "inputs must be finite",
+                layer=index,
+                field=f"{field}.data",
+                index=at,
+            )
+
+
 def _compute(
     index: int,
     layer: Layer,
@@ -810,6 +836,8 @@ def _compute(
     labels: Any = None,
 ) -> LayerResult:
     scale = layer.weight if gradient else None
+    if layer.loss.kind not in ELEMENTWISE:  # whole tensors: a softmax can hide an infinity in a finite value
+        _check_finite(index, teacher, student, fields)
     try:
         if layer.loss.kind is LossKind.RESPONSE:
             value, grad = _evaluate_response(layer.loss, teacher, student, labels, scale, out)
@@ -827,16 +855,7 @@ def _compute(
         ) from None
     weighted = layer.weight * value
     if not math.isfinite(weighted):
-        for field, array in zip(fields[:2], (teacher, student), strict=True):
-            at = _first_non_finite(array)
-            if at is not None:
-                raise NonFiniteInput(
-                    f"layer {index}: {field} holds {float(array.reshape(-1)[at])} at flat index {at}; "
-                    "inputs must be finite",
-                    layer=index,
-                    field=f"{field}.data",
-                    index=at,
-                )
+        _check_finite(index, teacher, student, fields)
         terms = _Terms.of(layer.loss)
         why = ""
         if terms.kl and not math.isfinite(terms.tau * terms.tau):

@@ -47,7 +47,7 @@ import numpy as np
 from distill_core.losses import OPTIONS, LossKind, Option, option_problem
 from distill_server.interruption import blocks, check
 
-__all__ = ["LOSSES", "MAX_BATCH", "NST_MAX_CHANNELS", "Relational", "Undefined"]
+__all__ = ["LOSSES", "MAX_BATCH", "MAX_WORK", "NST_MAX_CHANNELS", "Relational", "Undefined"]
 
 MAX_BATCH: dict[str, int] = {
     "similarity_preserving": 2048,
@@ -507,6 +507,21 @@ float64 per sample (32 MiB at this size, a few at once)."""
 
 _NST_BLOCK = 1 << 22
 """Elements of the channel-kernel matrices NST builds at once (a block of samples)."""
+
+
+def _nst_work(teacher: tuple[int, ...], student: tuple[int, ...]) -> int:
+    """NST's channel kernels: ``batch x (Ct^2 + Cs^2 + Ct Cs)`` entries, each a
+    dot product over the spatial positions plus a fixed cost (about 40
+    multiply-adds' worth, measured with one position)."""
+    batch, ct, cs = teacher[0], teacher[1], student[1]
+    return batch * (ct * ct + cs * cs + ct * cs) * (math.prod(teacher[2:]) + 40)
+
+
+MAX_WORK: dict[str, tuple[Callable[[tuple[int, ...], tuple[int, ...]], int], int]] = {"nst": (_nst_work, 1 << 34)}
+"""Losses whose work grows faster than their inputs and beyond what their batch
+and size limits bound: ``(work(teacher_shape, student_shape), the most
+work)``, about 1.7e10 multiply-adds (a few seconds of one core). A batch of
+8192 samples of 2048 channels would otherwise keep a worker for minutes."""
 
 
 def _nst_channels(teacher: tuple[int, ...], student: tuple[int, ...], _: dict[str, Any]) -> str | None:
