@@ -159,9 +159,10 @@ def test_native_lines_become_records() -> None:
     other = native_record("Fatal Python error: Aborted")
     assert (other.name, other.levelname, other.getMessage()) == ("stderr", "WARNING", "Fatal Python error: Aborted")
     sink = io.StringIO()
-    relay(io.BytesIO(b'{"already": "json"}\nI1130 13:11:02.3 7 a.cc:1] hello\n\n'), sink)
-    first, second = (json.loads(line) for line in sink.getvalue().splitlines())
+    relay(io.BytesIO(b'{"already": "json"}\nI1130 13:11:02.3 7 a.cc:1] hello\n\n{"cut": "by another w{"x": 1}\n'), sink)
+    first, second, third = (json.loads(line) for line in sink.getvalue().splitlines())
     assert first == {"already": "json"} and (second["level"], second["message"]) == ("INFO", "hello")
+    assert third["logger"] == "stderr" and third["message"].startswith('{"cut"')  # interleaved: wrapped, still JSON
 
 
 def test_health_goes_not_serving_when_draining(start_server: type[ServerProcess]) -> None:

@@ -293,3 +293,23 @@ def test_a_scalar_is_not_logits(client: DistillClient) -> None:
     with pytest.raises(ShapeMismatch) as info:
         client.compute_layer_loss([(1.0, loss)], 0, np.array(1.0, np.float32), np.array(2.0, np.float32), labels=[0])
     assert info.value.field == "student.shape" and "[classes]" in info.value.message
+
+
+def test_labels_that_are_not_class_labels_are_refused_on_the_client(client: DistillClient) -> None:
+    teacher, student, _ = (x.numpy() for x in logits(batch=2, classes=3))
+    layers = [(1.0, DistilLoss.response(DistilLoss.mse(), 1.0, 0.0))]
+    for labels, words in (
+        ({-1: [0, 1]}, "expected layer indices from 0"),
+        ({0: np.array([0, 2**63], np.uint64)}, "beyond int64"),
+        ({0: [[0], [1]]}, "one label per sample"),
+        ([0, 1], "mapping of layer index"),
+        ({0: [True, False]}, "expected integer class labels"),
+    ):
+        with pytest.raises(InvalidArgument, match=words):
+            client.compute_total_loss(layers, [teacher], [student], labels=labels)  # type: ignore[arg-type]
+
+
+def test_numpy_numbers_are_options_and_lists_are_not() -> None:
+    assert DistilLoss.nst(degree=np.int64(3), c=np.float32(0.5)) == DistilLoss.nst(degree=3, c=0.5)
+    with pytest.raises(InvalidArgument, match="normalization is"):
+        DistilLoss.similarity_preserving(normalization=["l2"])  # type: ignore[arg-type]

@@ -157,6 +157,16 @@ def test_a_stream_must_start_with_its_config(server: InProcessServer) -> None:
     assert type(error) is InvalidArgument and error.field == "config"
 
 
+def test_the_first_message_carries_no_labels(server: InProcessServer) -> None:
+    loss = DistilLoss.response(DistilLoss.mse(), 1.0, 0.0)
+    config = pb.StreamConfig(layers=[pb.Layer(weight=1.0, loss=loss.to_proto())])
+    first = pb.StreamLossesRequest(config=config, labels={0: pb.Labels(classes=[1])})
+    with pytest.raises(grpc.RpcError) as info:
+        raw_stream(server, [first.SerializeToString()])
+    error = from_rpc_error(info.value)
+    assert type(error) is InvalidArgument and error.field == "config" and "only config" in error.message
+
+
 def test_config_in_a_later_message_fails_that_step_only(server: InProcessServer) -> None:
     config = pb.StreamConfig(layers=[pb.Layer(weight=1.0, loss=DistilLoss.mse().to_proto())])
     good = wire.build(pb.StreamLossesRequest(step_id=2), teachers=[np.ones(3)], students=[np.zeros(3)])

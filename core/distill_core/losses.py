@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 
 from distill.v1 import distill_pb2 as pb
@@ -94,6 +96,8 @@ def kind_of(message: pb.Loss) -> LossKind | None:
     """The kind a Loss message names, without checking its parameters (None: no kind)."""
     name = message.WhichOneof("kind")
     return None if name is None else _KINDS[name]
+
+
 _CONSTRUCTORS = {**_ONEOF, LossKind.COMBINED: "combined"}
 _REDUCTIONS = {pb.REDUCTION_UNSPECIFIED: Reduction.FLATTEN, **{r.value: r for r in Reduction}}
 
@@ -136,8 +140,15 @@ _WORDS: dict[Callable[[Any], bool], str] = {
 
 
 def _plain(value: Any) -> Any:
-    """An option as the contract holds it: names in lower case."""
-    return value.lower() if isinstance(value, str) else value
+    """An option as the contract holds it: names in lower case, numbers (NumPy's
+    too) as Python ints or floats; anything else as it is, for the check to refuse."""
+    if isinstance(value, str):
+        return value.lower()
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 Option = tuple[Any, "dict[str, int] | Callable[[Any], bool]"]
@@ -176,7 +187,7 @@ def option_problem(kind: LossKind, params: Mapping[str, Any]) -> tuple[str, str]
     for name, value in params.items():
         allowed = known[name][1]
         if isinstance(allowed, dict):
-            if value not in allowed:
+            if not isinstance(value, str) or value not in allowed:
                 return name, f"{name} is {value!r}; expected one of {', '.join(map(repr, allowed))}"
         elif not allowed(value):
             return name, f"{name} is {value!r}; expected {_WORDS[allowed]}"

@@ -132,6 +132,8 @@ def to_labels(value: Any, field: str = "labels") -> pb.Labels:
         raise InvalidArgument(
             f"{field} have shape {list(array.shape)}; expected one label per sample (one axis)", field=field
         )
+    if array.dtype.kind == "u" and array.size and int(array.max()) > np.iinfo(np.int64).max:
+        raise InvalidArgument(f"{field} hold {int(array.max())}, beyond int64; expected class labels", field=field)
     return pb.Labels(classes=array.reshape(-1).astype(np.int64).tolist())
 
 
@@ -148,7 +150,12 @@ def labels_by_layer(labels: Mapping[int, Any] | None) -> dict[int, pb.Labels]:
             f"labels are a {type(labels).__name__}; expected a mapping of layer index -> class labels, e.g. {{0: y}}",
             field="labels",
         )
-    return {int(index): to_labels(value, f"labels[{index}]") for index, value in labels.items()}
+    by_layer = {}
+    for index, value in labels.items():
+        if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or not 0 <= index < 1 << 32:
+            raise InvalidArgument(f"labels has key {index!r}; expected layer indices from 0", field="labels")
+        by_layer[int(index)] = to_labels(value, f"labels[{index}]")
+    return by_layer
 
 
 def per_layer(field: str, tensors: Any) -> list[Any]:

@@ -45,11 +45,12 @@ _TENSOR_FIELDS = 2 * MAX_RANK + 8
 _SCALAR_FIELDS = 64
 """Most top-level fields of a request besides its layers and tensors."""
 
-MAX_LABEL_BYTES = 16 << 20
-"""Most bytes of class labels (``labels``) a request may hold. Protobuf
-unpacks each label into 8 bytes, so a label of 1 byte on the wire costs 8:
-this bounds what labels make the server hold (128 MiB), far above the 2^21
-rows of a response loss's largest logits."""
+MAX_LABEL_BYTES = 4 << 20
+"""Most bytes of class labels (``labels``) a request may hold: enough for the
+2^21 rows of a response loss's largest logits (2^22 elements, 2 classes) at
+up to 2 bytes a label. Protobuf unpacks each label into 8 bytes and the
+server copies them into an array, so a label of 1 byte on the wire costs
+16: this keeps what labels make the server hold to 64 MiB a request."""
 
 Chunk = bytes | memoryview
 

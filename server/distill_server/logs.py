@@ -103,16 +103,31 @@ def native_record(line: str) -> logging.LogRecord:
     return logging.makeLogRecord({"name": name, "levelno": level, "levelname": logging.getLevelName(level), **fields})
 
 
+MAX_LINE = 64 * 1024
+"""Longest line the relay passes on; a longer one is cut (and so wrapped)."""
+
+
 def relay(source: IO[bytes], sink: IO[str]) -> None:
-    """Copy ``source``'s lines to ``sink`` as JSON lines until its end."""
+    """Copy ``source``'s lines to ``sink`` as JSON lines until its end: a JSON
+    object as it is, anything else (a native line, a traceback, two records
+    that interleaved) wrapped as one."""
     formatter = JsonFormatter()
     for raw in source:
-        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-        if line.startswith("{"):
+        line = raw[:MAX_LINE].decode("utf-8", errors="replace").rstrip("\r\n")
+        if _is_json_object(line):
             sink.write(line + "\n")
         elif line.strip():
             sink.write(formatter.format(native_record(line)) + "\n")
         sink.flush()
+
+
+def _is_json_object(line: str) -> bool:
+    if not line.startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":

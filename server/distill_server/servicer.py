@@ -412,7 +412,7 @@ class DistillServicer:
         request, views = wire.split(pb.StreamLossesRequest, payload, self.limits.max_layers)
         if not request.HasField("config"):
             raise InvalidArgument("the first message of a stream must set config", field="config")
-        if views["teachers"] or views["students"] or request.step_id:
+        if views["teachers"] or views["students"] or request.step_id or request.labels:
             raise InvalidArgument("the first message of a stream carries only config", field="config")
         return validation.layers(request.config.layers, self.limits), request.config.return_gradients
 
