@@ -362,11 +362,12 @@ _AT_RULES = OPTIONS[LossKind.ATTENTION_TRANSFER]
 
 
 def _attention(xp: Any, f: Any, power: float, code: bool, gradient: bool) -> tuple[Any, Any]:
-    """``(a, da/df or None)``: ``a = sum_c |f_c|^p`` (the mean over ``c`` for ``code``)."""
+    """``(a, da/df or None)``: ``a = sum_c |f_c|^p`` (the mean over ``c`` for
+    ``code``), with at most one temporary of ``f``'s size besides the slope."""
     scale = 1.0 / f.shape[1] if code else 1.0
     slope = None
     if power == 2:
-        a = (f * f).sum(axis=1)
+        a = xp.einsum("bcn,bcn->bn", f, f)
         if gradient:
             slope = 2.0 * f
     elif power == 1:
@@ -375,9 +376,13 @@ def _attention(xp: Any, f: Any, power: float, code: bool, gradient: bool) -> tup
             slope = xp.sign(f)
     else:
         m = xp.abs(f)
-        a = (m**power).sum(axis=1)
         if gradient:
-            slope = power * m ** (power - 1) * xp.sign(f)
+            slope = xp.power(m, power - 1)
+            a = xp.einsum("bcn,bcn->bn", slope, m)  # sum |f|^(p-1) |f|: no array of |f|^p
+            xp.copysign(slope, f, out=slope)
+            slope *= power
+        else:
+            a = xp.power(m, power, out=m).sum(axis=1)
     if code:
         a *= scale
         if slope is not None:
@@ -424,7 +429,8 @@ def _at_evaluate(xp: Any, teacher: Any, student: Any, params: Mapping[str, Any],
     if not gradient:
         return value, None
     da = _normalize_backward(xp, upstream, qs, a, raw, norm, 2)
-    return value, (da[:, None, :] * slope).reshape(student.shape)
+    slope *= da[:, None, :]  # the gradient, in the slope's memory
+    return value, slope.reshape(student.shape)
 
 
 # ---------------------------------------------------------------- correlation congruence
