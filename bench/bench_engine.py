@@ -16,9 +16,14 @@ Prints a Markdown table for docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
+
+# One OpenBLAS thread, as distill-server runs (set before NumPy loads OpenBLAS): with two, every
+# block's dot product wakes a second thread, and the engine measured 2-4x slower here.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import ml_dtypes
 import numpy as np

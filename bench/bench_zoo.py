@@ -19,10 +19,14 @@ Prints a Markdown table for docs/benchmarks.md. Needs torch and torchdistill.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
+
+# One OpenBLAS thread, as distill-server runs (set before NumPy loads OpenBLAS), against one torch thread.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
 import torch

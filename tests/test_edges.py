@@ -122,6 +122,29 @@ def test_column_chunks_agree_with_whole_rows(monkeypatch: pytest.MonkeyPatch, lo
     np.testing.assert_allclose(chunked_grad, grad, rtol=1e-11, atol=atol)
 
 
+@pytest.mark.parametrize("loss", [loss for loss in EVERY_LOSS if loss.reduction is ROW], ids=repr)
+def test_groups_of_rows_agree_with_one_group(monkeypatch: pytest.MonkeyPatch, loss: DistilLoss) -> None:
+    # 40 rows in groups of 3 rows (blocks of 64): the value alone takes every
+    # group's sums first and does the per-row math once over all rows; with a
+    # gradient, group by group. Rows 7 and 30 are huge float64 (cosine scales
+    # those groups' rows, and only those), so both ways meet scaled and unscaled groups.
+    rng = np.random.default_rng(29)
+    t = rng.normal(size=(40, 20)) * 2
+    s = t + 0.5 * rng.normal(size=t.shape)
+    rows = [reference(loss, t[i : i + 1], s[i : i + 1]) for i in range(len(t))]  # cosine is scale-free
+    expected = math.fsum(rows) / len(rows)
+    if loss.kind is LossKind.COSINE:
+        t[[7, 30]] *= 1e200
+        s[[7, 30]] *= 1e200
+    whole = engine.loss_value(loss, t, s)
+    monkeypatch.setattr(backend, "CPU_BLOCK", 64)
+    grouped = engine.loss_value(loss, t, s)
+    with_gradient, _ = engine.evaluate(loss, t, s, 1.0)
+    assert grouped == pytest.approx(expected, rel=1e-13)
+    assert grouped == pytest.approx(whole, rel=1e-13)
+    assert with_gradient == pytest.approx(grouped, rel=1e-13)
+
+
 # ---------------------------------------------------------------- zero norms
 
 
@@ -253,9 +276,9 @@ def test_huge_temperature_without_kl_is_finite() -> None:
 def test_wide_rows_take_a_few_blocks_of_memory(loss: DistilLoss) -> None:
     # Two rows of 4M float16 (16 MB each input): rows far wider than a block.
     # Bound: the float16 gradient itself (student.nbytes) plus a few float64
-    # blocks (five scratch buffers of CPU_BLOCK float64 = 10 MiB, two more
+    # blocks (five scratch buffers of CPU_BLOCK float64, 5 MiB, two more
     # for rounding a block into float16, and small per-row vectors):
-    # student.nbytes + 15 MiB, under the 32 MB of inputs.
+    # student.nbytes + 8 MiB, under the 32 MB of inputs.
     # Whole rows in float64 and full-size temporaries took 13x the inputs.
     rng = np.random.default_rng(16)
     t = rng.normal(size=(2, 4_000_000)).astype(np.float16)

@@ -22,11 +22,13 @@ protobuf runtime handle everything else:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from distill.v1 import distill_pb2 as pb
@@ -186,6 +188,16 @@ def _tensor(buffer: memoryview, spans: list[tuple[int, int]]) -> TensorView:
     return TensorView(message.dtype, tuple(message.shape), data, shared, cuda)
 
 
+@functools.cache
+def _layout(message_type: type[Message]) -> tuple[dict[int, FieldDescriptor], int]:
+    """A request type's Tensor fields by number, and its labels field's number
+    (0, which no field has, if none): read once per type, not per call."""
+    descriptor = message_type.DESCRIPTOR
+    tensors = {field.number: field for field in descriptor.fields if field.message_type is pb.Tensor.DESCRIPTOR}
+    labels = descriptor.fields_by_name.get("labels")
+    return tensors, labels.number if labels is not None else 0
+
+
 def split(
     message_type: type[_Message], payload: bytes, max_tensors: int
 ) -> tuple[_Message, dict[str, list[TensorView]]]:
@@ -203,17 +215,14 @@ def split(
             hold more top-level fields than ``max_tensors`` layers can need.
     """
     buffer = memoryview(payload)
-    by_number = {
-        field.number: field for field in message_type.DESCRIPTOR.fields if field.message_type is pb.Tensor.DESCRIPTOR
-    }
+    by_number, labels = _layout(message_type)
     rest: list[Chunk] = []
     spans: dict[str, list[list[tuple[int, int]]]] = {field.name: [] for field in by_number.values()}
     most = 6 * max_tensors + _SCALAR_FIELDS  # layers, teachers, students, two kinds of gradient outputs, labels
-    labels = message_type.DESCRIPTOR.fields_by_name.get("labels")
     label_bytes = 0
     for number, wire_type, field_start, value_start, value_stop in _fields(buffer, 0, len(buffer), most):
         field = by_number.get(number)
-        if labels is not None and number == labels.number:
+        if number == labels:
             label_bytes += value_stop - value_start
             if label_bytes > MAX_LABEL_BYTES:
                 raise LimitExceeded(

@@ -27,10 +27,12 @@ __all__ = ["CPU_BLOCK", "Backend", "BackendError", "array_module", "block_size",
 
 log = logging.getLogger(__name__)
 
-CPU_BLOCK = 1 << 18
-"""Elements per block on the CPU: 2 MiB float64 scratch buffers, held in the
-last-level cache; larger blocks cost fewer Python steps per pass, and up to
-this size that wins over staying in L2 (docs/benchmarks.md, the engine)."""
+CPU_BLOCK = 1 << 17
+"""Elements per block on the CPU: 1 MiB float64 scratch buffers, each within
+a core's 2 MiB L2 and all of them in the last-level cache. Larger blocks
+cost fewer Python steps per pass; measured side by side, this size was the
+fastest of 2^14 to 2^19 for every loss, with and without the gradient
+(docs/benchmarks.md, the engine)."""
 
 STAGING_CHUNK = 8 << 20
 """Bytes per pinned staging buffer; each GPU server thread has two."""

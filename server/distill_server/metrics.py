@@ -119,6 +119,17 @@ class Metrics:
             {"device": device, "description": description}
         )
         self._http: _Endpoint | None = None
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def labelled(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once: ``labels()`` checks its
+        values and takes a lock on every call, a cost each call of the
+        service would pay several times over."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children.setdefault(key, metric.labels(*values))
+        return child
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` over HTTP; returns the bound port."""

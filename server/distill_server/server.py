@@ -179,7 +179,7 @@ class DistillServer:
         """A call refused before its handler (no token, malformed bytes): logged and counted like any failure."""
         rpc = method.rsplit("/", 1)[-1]
         log_failure(rpc, error, context.peer())
-        self.metrics.requests.labels(rpc, error.code.name).inc()
+        self.metrics.labelled(self.metrics.requests, rpc, error.code.name).inc()
 
     @property
     def address(self) -> str:

@@ -376,7 +376,7 @@ class DistillServicer:
         self.metrics.shared_memory_bytes.set(self.regions.registered_bytes)
 
     def _count_elements(self, rpc: str, arrays: Sequence[validation.Counted]) -> None:
-        self.metrics.elements.labels(rpc).inc(validation.elements(arrays, self.limits))
+        self.metrics.labelled(self.metrics.elements, rpc).inc(validation.elements(arrays, self.limits))
 
     def _on_device(self, ipc: Session, inputs: list[validation.Input]) -> list[Any]:
         """The inputs on the device: host arrays moved there, CUDA memory mapped where it is."""
@@ -441,10 +441,10 @@ class DistillServicer:
         except DistillError as error:
             if error is call.dropped:
                 raise  # the stream is over (dropped: a drain, a timeout), not the step
-            self.metrics.stream_steps.labels(error.code.name).inc()
+            self.metrics.labelled(self.metrics.stream_steps, error.code.name).inc()
             log_failure("StreamLosses", error, call.peer, f" step={step_id}")
             return pb.StreamLossesResponse(step_id=step_id, error=to_rich_status(error)).SerializeToString()
-        self.metrics.stream_steps.labels("OK").inc()
+        self.metrics.labelled(self.metrics.stream_steps, "OK").inc()
         return response
 
     def compute(self, method: Callable[[Parsed[Any]], bytes], request: Parsed[Any], work: Work | None = None) -> bytes:
@@ -507,8 +507,8 @@ class DistillServicer:
         def count(code: str) -> None:
             nonlocal counted
             counted = True
-            self.metrics.requests.labels(rpc, code).inc()
-            self.metrics.duration.labels(rpc).observe(time.perf_counter() - start)
+            self.metrics.labelled(self.metrics.requests, rpc, code).inc()
+            self.metrics.labelled(self.metrics.duration, rpc).observe(time.perf_counter() - start)
 
         stream = kind == "stream"
         call = _Call(self, rpc, context, None if stream else self.budget)
@@ -567,12 +567,12 @@ class DistillServicer:
                 got=active + 1,
             )
         self._count(stream, +1)
-        self.metrics.in_flight.labels(rpc).inc()
+        self.metrics.labelled(self.metrics.in_flight, rpc).inc()
         try:
             yield
         finally:
             self._count(stream, -1)
-            self.metrics.in_flight.labels(rpc).dec()
+            self.metrics.labelled(self.metrics.in_flight, rpc).dec()
 
     def _count(self, stream: bool, delta: int) -> None:
         if stream:
@@ -628,7 +628,8 @@ class _Call:
         if self._reservation is not None and payload is None:
             self._reservation.shrink(0)
         if payload is not None:
-            self.servicer.metrics.received.labels(self.rpc).inc(len(payload))
+            metrics = self.servicer.metrics
+            metrics.labelled(metrics.received, self.rpc).inc(len(payload))
         return payload
 
     def _check_dropped(self) -> None:
