@@ -16,7 +16,7 @@ import pytest
 from distill_client import DistilLoss, RemoteFeatureDistiller
 from distill_core.errors import LossOverflow
 from distill_core.losses import LossKind, Reduction
-from distill_server import backend, engine, interruption
+from distill_server import backend, engine, interruption, parallel
 from distill_server.engine import Layer
 from tests import seed
 from tests.reference import reference
@@ -270,20 +270,22 @@ def test_huge_temperature_without_kl_is_finite() -> None:
 # ---------------------------------------------------------------- memory
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     "loss", [DistilLoss.kl_divergence(2.0, reduction=ROW), DistilLoss.cosine(reduction=ROW)], ids=repr
 )
-def test_wide_rows_take_a_few_blocks_of_memory(loss: DistilLoss) -> None:
+def test_wide_rows_take_a_few_blocks_of_memory(monkeypatch: pytest.MonkeyPatch, loss: DistilLoss, threads: int) -> None:
     # Two rows of 4M float16 (16 MB each input): rows far wider than a block.
     # Bound: the float16 gradient itself (student.nbytes) plus a few float64
-    # blocks (five scratch buffers of CPU_BLOCK float64, 5 MiB, two more
-    # for rounding a block into float16, and small per-row vectors):
-    # student.nbytes + 8 MiB, under the 32 MB of inputs.
-    # Whole rows in float64 and full-size temporaries took 13x the inputs.
+    # blocks per thread computing (five scratch buffers of CPU_BLOCK float64,
+    # 5 MiB, two more for rounding a block into float16, and small per-row
+    # vectors): student.nbytes + 8 MiB a thread, under the 32 MB of inputs
+    # with two. Whole rows in float64 and full-size temporaries took 13x the inputs.
+    monkeypatch.setattr(parallel, "cores", parallel.Cores(threads))
     rng = np.random.default_rng(16)
     t = rng.normal(size=(2, 4_000_000)).astype(np.float16)
     s = (t + rng.normal(size=t.shape).astype(np.float16)).astype(np.float16)
-    few_blocks = 7 * 8 * backend.CPU_BLOCK + (1 << 20)
+    few_blocks = threads * 7 * 8 * backend.CPU_BLOCK + (1 << 20)
     tracemalloc.start()
     try:
         engine.evaluate(loss, t, s)
@@ -307,25 +309,32 @@ class Stop(Exception):
 
 
 class Counter:
-    """A check that counts its calls and raises :class:`Stop` on call ``stop_at``."""
+    """A check that counts its calls (from any thread) and raises :class:`Stop`
+    from call ``stop_at`` on, as a server's check does once work is abandoned."""
 
     def __init__(self, stop_at: int = 0) -> None:
         self.calls, self.stop_at = 0, stop_at
+        self._lock = threading.Lock()
 
     def __call__(self) -> None:
-        self.calls += 1
-        if self.calls == self.stop_at:
+        with self._lock:
+            self.calls += 1
+            stop = self.stop_at and self.calls >= self.stop_at
+        if stop:
             raise Stop
 
 
-def test_a_check_stops_a_large_computation() -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_check_stops_a_large_computation(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    monkeypatch.setattr(parallel, "cores", parallel.Cores(threads))
     n = 64 * backend.CPU_BLOCK
     t, s = np.linspace(-1, 1, n, dtype=np.float32), np.linspace(1, -1, n, dtype=np.float32)
     layers = [Layer(1.0, DistilLoss.combined(0.5, 0.5, 2.0))]
     check = Counter(stop_at=5)
     with interruption.interruptible(check), pytest.raises(Stop):
         engine.total_loss(layers, [t], [s], gradient=True)
-    assert check.calls == 5  # stopped at once, not after the remaining 123 blocks
+    # Stopped at once, not after the remaining 123 blocks: each thread at its next block.
+    assert 5 <= check.calls <= 4 + threads
 
 
 def test_a_check_stops_a_batch_loss_between_its_blocks() -> None:

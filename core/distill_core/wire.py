@@ -22,13 +22,11 @@ protobuf runtime handle everything else:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from distill.v1 import distill_pb2 as pb
@@ -188,14 +186,19 @@ def _tensor(buffer: memoryview, spans: list[tuple[int, int]]) -> TensorView:
     return TensorView(message.dtype, tuple(message.shape), data, shared, cuda)
 
 
-@functools.cache
-def _layout(message_type: type[Message]) -> tuple[dict[int, FieldDescriptor], int]:
+_LAYOUTS: dict[Any, tuple[dict[int, Any], int]] = {}
+
+
+def _layout(message_type: type[Message]) -> tuple[dict[int, Any], int]:
     """A request type's Tensor fields by number, and its labels field's number
     (0, which no field has, if none): read once per type, not per call."""
-    descriptor = message_type.DESCRIPTOR
-    tensors = {field.number: field for field in descriptor.fields if field.message_type is pb.Tensor.DESCRIPTOR}
-    labels = descriptor.fields_by_name.get("labels")
-    return tensors, labels.number if labels is not None else 0
+    layout = _LAYOUTS.get(message_type)
+    if layout is None:
+        descriptor = message_type.DESCRIPTOR
+        tensors = {field.number: field for field in descriptor.fields if field.message_type is pb.Tensor.DESCRIPTOR}
+        labels = descriptor.fields_by_name.get("labels")
+        layout = _LAYOUTS[message_type] = (tensors, labels.number if labels is not None else 0)
+    return layout
 
 
 def split(

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from distill_server import __version__
+from distill_server import __version__, parallel
 from distill_server.backend import BackendError
 from distill_server.config import Limits, ServerConfig
 from distill_server.logs import configure_logging
@@ -127,6 +127,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
     parser.flag("--device", defaults.device, "auto (CUDA when CuPy finds a device, else the CPU), cpu, cuda or cuda:N")
     parser.flag("--workers", defaults.workers, "threads computing large requests", type=_positive)
     parser.flag("--processes", 1, "server processes sharing the port (SO_REUSEPORT), for the CPU", type=_positive)
+    parser.flag(
+        "--engine-threads",
+        None,
+        "threads one large layer may be computed on, shared by the calls of a process (CPU); default: the CPUs "
+        "the process may use (affinity and container quota), divided among --processes",
+        type=_positive,
+    )
     parser.flag(
         "--grace",
         defaults.grace_seconds,
@@ -252,6 +259,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argpars
         port=args.port,
         device=args.device,
         workers=args.workers,
+        engine_threads=args.engine_threads or max(1, parallel.available() // args.processes),
         limits=Limits(
             max_message_bytes=args.max_message_mb * _MIB,
             max_layers=args.max_layers,
@@ -312,12 +320,13 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stopping.set)
     metrics = f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""
     log.info(
-        "distill-server %s ready on %s (pid %d, device %s, %d workers, max message %d MiB%s%s%s)",
+        "distill-server %s ready on %s (pid %d, device %s, %d workers, %d engine threads, max message %d MiB%s%s%s)",
         __version__,
         server.address,
         os.getpid(),
         server.backend.description,
         config.workers,
+        parallel.cores.count,
         config.limits.max_message_bytes // _MIB,
         ", TLS" if config.tls_cert else "",
         ", token auth" if config.auth_token else "",

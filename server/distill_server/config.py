@@ -63,6 +63,9 @@ class ServerConfig:
     port: int = 50051
     device: str = "auto"
     workers: int = 4
+    engine_threads: int | None = None
+    """Threads one large layer may be computed on (the CPU engine), shared
+    by every computation of the process; None: the CPUs it may use."""
     limits: Limits = field(default_factory=Limits)
     grace_seconds: float = 10.0
     drain_delay_seconds: float = 0.0

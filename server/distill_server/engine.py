@@ -41,7 +41,7 @@ The distiller functions at the end reproduce the reference
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -59,7 +59,7 @@ from distill_core.errors import (
     TeacherStudentMismatch,
 )
 from distill_core.losses import ELEMENTWISE, DistilLoss, LayerLoss, LossKind, Reduction
-from distill_server import relational
+from distill_server import parallel, relational, scratch
 from distill_server.backend import array_module, block_size
 from distill_server.interruption import blocks, check
 
@@ -178,9 +178,18 @@ def _store(out: np.ndarray, g: np.ndarray) -> None:
     np.copyto(out.view(np.uint16), bits, where=small)
 
 
+_DOTTED_ROWS = 16
+"""Blocks of up to this many rows take their per-row dot products one BLAS
+``dot`` a row, which releases the GIL; NumPy's stacked ``matmul`` holds it
+(two threads computing at once ran 0.85x one), so with more rows, narrow
+ones, that one call costs less than a call a row."""
+
+
 def _row_dot(xp: Any, x: Any, y: Any) -> Any:
-    """Per-row dot products of two ``(r, m)`` float64 blocks: a batch of BLAS
-    dot products (one pass, no temporary; 2-4x a multiply and a sum)."""
+    """Per-row dot products of two ``(r, m)`` float64 blocks: BLAS dot
+    products (one pass, no temporary; 2-4x a multiply and a sum)."""
+    if xp is np and x.shape[0] <= _DOTTED_ROWS:
+        return np.array([np.dot(a, b) for a, b in zip(x, y, strict=True)])
     return xp.matmul(x[:, None, :], y[:, :, None])[:, 0, 0]
 
 
@@ -221,6 +230,14 @@ class _Sums:
             both = old["v"] is not None and part["v"] is not None
             merged["v"] = old["v"] * was + part["v"] * now if both else None
         self.kl = merged
+
+    def merge(self, xp: Any, other: _Sums) -> None:
+        """Add the sums of the same rows' other columns."""
+        self.sq += other.sq
+        if other.cos:
+            self.add_cosine(*other.cos)
+        if other.kl:
+            self.add_kl(xp, other.kl)
 
     def small_gaps(self, xp: Any, gap: Any) -> bool:
         """Whether, after a chunk with these gaps, some row still has all its gaps small."""
@@ -298,23 +315,27 @@ class _Factors:
 
 
 class _Pass:
-    """The passes over one layer's ``(R, d)`` views, in blocks of ``group`` rows by ``chunk`` columns.
+    """The passes over one layer's ``(R, d)`` views on the CPU, in blocks of ``group`` rows by ``chunk`` columns.
 
     Float64 scratch buffers of one block each (three for MSE, four for
-    cosine, five for KL) are all the memory a pass takes. When a group of
-    rows is one block, KL's gradient pass reuses the exponentials the first
-    pass left in the buffers.
+    cosine, five for KL; lent by :mod:`~distill_server.scratch`) are all the
+    memory a pass takes. When a group of rows is one block, KL's gradient
+    pass reuses the exponentials the first pass left in the buffers.
     """
 
-    def __init__(self, xp: Any, terms: _Terms, t: Any, s: Any, gradient: bool) -> None:
-        self.xp, self.terms, self.t, self.s, self.gradient = xp, terms, t, s, gradient
-        self.row_module: Any = xp
+    def __init__(self, terms: _Terms, t: Any, s: Any, gradient: bool, scratch: Sequence[Any]) -> None:
+        self.xp, self.terms, self.t, self.s, self.gradient = np, terms, t, s, gradient
+        self.row_module: Any = np
         self.rows, self.width = int(t.shape[0]), int(t.shape[1])
-        size = block_size(t)
-        self.group, self.chunk = max(1, size // self.width), min(self.width, size)
+        self.group, self.chunk = self.rows_per_block(t), min(self.width, block_size(t))
         count = 5 if terms.kl else 4 if terms.cosine else 3
-        self.scratch = [xp.empty(self.group * self.chunk, dtype=xp.float64) for _ in range(count)]
+        self.scratch = [buffer[: self.group * self.chunk] for buffer in scratch[:count]]
         self._kept: slice | None = None  # the group whose KL exponentials are in the scratch
+
+    @staticmethod
+    def rows_per_block(t: Any) -> int:
+        """How many of the rows of ``t`` a block holds (one if a row is wider)."""
+        return max(1, block_size(t) // int(t.shape[1]))
 
     def _chunks(self, block: slice) -> Iterator[tuple[slice, list[Any]]]:
         """The column chunks of the rows ``block``, each with ``(rows, columns)`` views of
@@ -431,6 +452,44 @@ class _Pass:
         return accurate
 
 
+class _Columns:
+    """:class:`_Pass`'s interface for one row split into column ranges, a
+    ``_Pass`` each, taken in turn by the threads of ``share``; their sums
+    merge as the column chunks of a row do."""
+
+    group = 1
+    row_module: Any = np
+
+    def __init__(self, terms: _Terms, t: Any, s: Any, gradient: bool, share: parallel.Share) -> None:
+        self.terms, self.t, self.s, self.gradient, self.share = terms, t, s, gradient, share
+        self.ranges = _split(int(t.shape[1]), SPLIT_BLOCKS * block_size(t))
+
+    def _each(self, method: Callable[[_Pass, slice], Any]) -> list[Any]:
+        """``method(pass, columns)`` for each column range, on its own pass and scratch."""
+
+        def run(columns: slice) -> Any:
+            with scratch.lend() as buffers:
+                part = _Pass(self.terms, self.t[:, columns], self.s[:, columns], self.gradient, buffers)
+                return method(part, columns)
+
+        return self.share.map(run, self.ranges)
+
+    def sums(self, block: slice, kt: Any = None, ks: Any = None) -> _Sums:
+        """Pass 1: the row's sums (divided by ``kt, ks`` if given)."""
+        parts: list[_Sums] = self._each(lambda part, _: part.sums(block, kt, ks))
+        for part in parts[1:]:
+            parts[0].merge(np, part)
+        return parts[0]
+
+    def row_max(self, x: Any, block: slice) -> Any:
+        """``max |x|`` of the row."""
+        return np.maximum.reduce(self._each(lambda part, columns: part.row_max(x[:, columns], block)))
+
+    def gradient_pass(self, block: slice, factors: _Factors, out: Any) -> float:
+        """Pass 2: write the row's gradient into ``out``; returns its largest magnitude."""
+        return _peak(*self._each(lambda part, columns: part.gradient_pass(block, factors, out[:, columns])))
+
+
 class _CudaPass:
     """:class:`_Pass`'s interface on a GPU: each pass over all rows is one
     fused kernel (:mod:`distill_server.kernels`) instead of blocks of NumPy
@@ -540,8 +599,24 @@ def _joined(rx: Any, groups: list[tuple[_Sums, _Factors]]) -> tuple[_Sums, _Fact
     return joined, factors
 
 
+SPLIT_BLOCKS = 4
+"""A layer is split over threads only where each thread gets at least this
+many blocks: handing work to a thread costs about what a block does."""
+
+
+def _split(count: int, unit: int) -> list[slice]:
+    """``range(count)`` as contiguous slices of ``unit`` (the last one shorter)."""
+    return [slice(start, min(start + unit, count)) for start in range(0, count, unit)]
+
+
 def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None, out: Any = None) -> tuple[float, Any]:
-    """:func:`evaluate`, raising :class:`_GradientOverflow` for a gradient beyond the student's dtype."""
+    """:func:`evaluate`, raising :class:`_GradientOverflow` for a gradient beyond the student's dtype.
+
+    On the CPU a large layer is split over the threads
+    :data:`~distill_server.parallel.cores` can spare: its rows (per-row
+    losses), or its one row's columns (flattened losses), whose sums merge
+    as a row's column chunks do.
+    """
     if loss.batched:
         return _evaluate_batch(loss, teacher, student, scale, out)
     xp = array_module(teacher)
@@ -551,40 +626,36 @@ def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None,
     width = (int(teacher.shape[-1]) if teacher.ndim else 1) if per_row else n
     rows = n // width
     t, s = teacher.reshape(rows, width), student.reshape(rows, width)
-    passes = (_Pass if xp is np else _CudaPass)(xp, terms, t, s, scale is not None)
-    rx = passes.row_module  # where the per-row sums are, and the per-row math runs
     if scale is None:
         out = None
     elif out is None:
         out = xp.empty(student.shape, dtype=student.dtype)
+    grid = None if out is None else out.reshape(rows, width)
     k = scale or 0.0  # used only with a gradient
-    gamma = k * terms.kl * terms.tau / rows  # d KL / ds = tau (q - p), per row
-    sq = cosine = kl = peak = 0.0
-    deferred: list[tuple[_Sums, _Factors]] = []  # the value alone: the per-row math once, over every group
-    with np.errstate(all="ignore"):
-        for start in range(0, rows, passes.group):
-            block = slice(start, min(start + passes.group, rows))
-            factors = _Factors(mse=2 * terms.mse * k / n)
-            sums = passes.sums(block)
-            sq += sums.sq
-            if terms.cosine:
-                tt, ss, ts = sums.cos
-                if not (bool(rx.isfinite(tt * ss).all()) and bool(rx.isfinite(ts).all())):
-                    # Huge float64 rows: cosine is scale-free, so scale each row to max 1.
-                    kt, ks = passes.row_max(t, block), passes.row_max(s, block)
-                    if not (bool(rx.isfinite(kt).all()) and bool(rx.isfinite(ks).all())):
-                        return math.nan, None  # non-finite inputs: reported by the caller
-                    factors.kt, factors.ks = rx.where(kt == 0, 1.0, kt), rx.where(ks == 0, 1.0, ks)
-                    sums = passes.sums(block, factors.kt, factors.ks)
-            if out is None:
-                deferred.append((sums, factors))
-                continue
-            parts = _row_math(rx, terms, sums, factors, k / rows, gamma)
-            cosine, kl = cosine + parts[0], kl + parts[1]
-            if all(map(math.isfinite, (sq, cosine, kl))):
-                peak = _peak(peak, passes.gradient_pass(block, factors, out.reshape(rows, width)[block]))
-        if deferred:
-            cosine, kl = _row_math(rx, terms, *_joined(rx, deferred), 0.0, 0.0)
+    gradient = scale is not None
+
+    def accumulate(passes: Any, part: slice = slice(None)) -> tuple[float, float, float, float]:
+        into = None if grid is None else grid[part]
+        return _accumulate(passes, terms, t[part], s[part], into, n, rows, k)
+
+    def rows_of(part: slice) -> tuple[float, float, float, float]:
+        with scratch.lend() as buffers:
+            return accumulate(_Pass(terms, t[part], s[part], gradient, buffers), part)
+
+    # Parts of SPLIT_BLOCKS blocks: whole groups of rows, or one row's columns.
+    parts = n // (SPLIT_BLOCKS * block_size(t)) if xp is np else 1
+    with parallel.cores.claim(parts) as share, np.errstate(all="ignore"):
+        if xp is not np:
+            partials = [accumulate(_CudaPass(xp, terms, t, s, gradient))]
+        elif share.threads <= 1:
+            partials = [rows_of(slice(None))]
+        elif rows == 1:
+            partials = [accumulate(_Columns(terms, t, s, gradient, share))]
+        else:
+            per_part = min(SPLIT_BLOCKS * _Pass.rows_per_block(t), -(-rows // share.threads))
+            partials = share.map(rows_of, _split(rows, per_part))
+    sq, cosine, kl = (sum(values) for values in list(zip(*partials, strict=True))[:3])
+    peak = _peak(*(partial[3] for partial in partials))
     kl_part = terms.kl * (terms.tau * terms.tau) * kl / rows if terms.kl else 0.0
     value = terms.mse * sq / n + terms.cosine * cosine / rows + kl_part
     if out is None or not math.isfinite(value):
@@ -592,6 +663,44 @@ def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None,
     if _overflows(peak, out.dtype):
         raise _GradientOverflow(peak, out.dtype)
     return value, out
+
+
+def _accumulate(
+    passes: Any, terms: _Terms, t: Any, s: Any, out: Any, n: int, rows: int, k: float
+) -> tuple[float, float, float, float]:
+    """The sums of ``passes``'s rows (``t, s``, part of a layer of ``n``
+    elements in ``rows`` rows), their gradient, scaled by ``k``, written
+    into ``out`` (or None): ``(sum of squares, sum of cosine distances, sum
+    of KL divergences, the gradient's largest magnitude)``, all NaN for
+    non-finite inputs (reported by the caller)."""
+    rx = passes.row_module  # where the per-row sums are, and the per-row math runs
+    gamma = k * terms.kl * terms.tau / rows  # d KL / ds = tau (q - p), per row
+    sq = cosine = kl = peak = 0.0
+    deferred: list[tuple[_Sums, _Factors]] = []  # the value alone: the per-row math once, over every group
+    for start in range(0, int(t.shape[0]), passes.group):
+        block = slice(start, min(start + passes.group, int(t.shape[0])))
+        factors = _Factors(mse=2 * terms.mse * k / n)
+        sums = passes.sums(block)
+        sq += sums.sq
+        if terms.cosine:
+            tt, ss, ts = sums.cos
+            if not (bool(rx.isfinite(tt * ss).all()) and bool(rx.isfinite(ts).all())):
+                # Huge float64 rows: cosine is scale-free, so scale each row to max 1.
+                kt, ks = passes.row_max(t, block), passes.row_max(s, block)
+                if not (bool(rx.isfinite(kt).all()) and bool(rx.isfinite(ks).all())):
+                    return math.nan, math.nan, math.nan, math.nan
+                factors.kt, factors.ks = rx.where(kt == 0, 1.0, kt), rx.where(ks == 0, 1.0, ks)
+                sums = passes.sums(block, factors.kt, factors.ks)
+        if out is None:
+            deferred.append((sums, factors))
+            continue
+        parts = _row_math(rx, terms, sums, factors, k / rows, gamma)
+        cosine, kl = cosine + parts[0], kl + parts[1]
+        if all(map(math.isfinite, (sq, cosine, kl))):
+            peak = _peak(peak, passes.gradient_pass(block, factors, out[block]))
+    if deferred:
+        cosine, kl = _row_math(rx, terms, *_joined(rx, deferred), 0.0, 0.0)
+    return sq, cosine, kl, peak
 
 
 BATCH_MAX_ELEMENTS = 1 << 24

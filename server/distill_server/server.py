@@ -24,7 +24,7 @@ from distill_core.errors import DistillError
 from distill_core.losses import DistilLoss
 from distill_core.rpc import SERVICE_NAME
 from distill_server import backend as backends
-from distill_server import engine
+from distill_server import engine, parallel
 from distill_server.auth import BearerTokenInterceptor
 from distill_server.config import ServerConfig, format_address
 from distill_server.cuda_ipc import CudaIpc
@@ -128,6 +128,7 @@ class DistillServer:
         config.limits.check()
         credentials = _credentials(config)
         self.backend = backends.select(config.device)
+        parallel.cores.resize(config.engine_threads or parallel.available())
         self.metrics = Metrics(self.backend.device, self.backend.description)
         self.executor = ThreadPoolExecutor(config.workers, thread_name_prefix="distill")
         interceptors: list[grpc.aio.ServerInterceptor] = []

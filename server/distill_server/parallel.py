@@ -1,0 +1,175 @@
+"""The cores a process computes on, shared by its computations.
+
+A large layer is split over threads while cores are free, so one call uses
+the machine's cores (NumPy releases the GIL in its loops), and calls that
+run at once share the cores instead of each taking them all: a computation
+gets at most the cores no other computation holds, and always its own
+thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import contextvars
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = ["Cores", "Share", "available", "cores"]
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+_CGROUP_QUOTAS = (
+    ("/sys/fs/cgroup/cpu.max", None),  # cgroup v2: "QUOTA PERIOD", or "max PERIOD"
+    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),  # cgroup v1; -1: none
+)
+
+
+def available() -> int:
+    """The CPUs this process may use: those it may run on (its affinity), or
+    fewer where its container's CPU quota allows fewer (a limit of 4 CPUs on
+    a 64-core node: 4)."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        count = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    return max(1, min(count, math.ceil(quota))) if quota is not None else count
+
+
+def _cgroup_quota() -> float | None:
+    """The container's CPU quota in CPUs (cgroup v2 or v1), None if it has none."""
+    for quota_file, period_file in _CGROUP_QUOTAS:
+        try:
+            fields = Path(quota_file).read_text().split()
+            if period_file is not None:
+                fields.append(Path(period_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if len(fields) != 2 or fields[0] in ("max", "-1"):
+            return None
+        try:
+            quota, period = float(fields[0]), float(fields[1])
+        except ValueError:
+            return None
+        return quota / period if quota > 0 and period > 0 else None
+    return None
+
+
+class Cores:
+    """``count`` cores, handed to computations as threads (the caller's own, plus helpers)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = max(1, count)
+        self._busy = 0
+        self._lock = threading.Lock()
+        self._helpers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._helper_count = 0
+
+    def resize(self, count: int) -> None:
+        """Use ``count`` cores from now on (computations under way keep theirs)."""
+        with self._lock:
+            self.count = max(1, count)
+
+    @property
+    def busy(self) -> int:
+        """The cores computations hold now."""
+        return self._busy
+
+    @contextlib.contextmanager
+    def claim(self, wanted: int) -> Iterator[Share]:
+        """Hold up to ``wanted`` cores for one computation: as many as are
+        free, and at least one (the calling thread's). A computation that
+        wants one (a small layer) is not counted: it ends before another
+        could use the core."""
+        if wanted <= 1:
+            yield Share(self, 0)
+            return
+        with self._lock:
+            granted = max(1, min(wanted, self.count - self._busy))
+            self._busy += granted
+        share = Share(self, granted)
+        try:
+            yield share
+        finally:
+            self._give(share.threads)
+
+    def _give(self, count: int) -> None:
+        with self._lock:
+            self._busy -= count
+
+    def _crowded(self) -> bool:
+        """Whether computations hold more cores than there are (one started while all were held)."""
+        return self._busy > self.count
+
+    def _pool(self, needed: int) -> concurrent.futures.ThreadPoolExecutor:
+        """The helper threads: one fewer than the cores (the callers compute too), made on first use."""
+        with self._lock:
+            if self._helpers is None or self._helper_count < needed:
+                if self._helpers is not None:
+                    self._helpers.shutdown(wait=False)  # its threads end once their work is done
+                self._helper_count = max(needed, self.count - 1)
+                self._helpers = concurrent.futures.ThreadPoolExecutor(
+                    self._helper_count, thread_name_prefix="distill-engine"
+                )
+            return self._helpers
+
+
+class Share:
+    """The cores one computation holds: ``threads``, its own included."""
+
+    def __init__(self, cores: Cores, threads: int) -> None:
+        self.cores = cores
+        self.threads = threads
+
+    def map(self, fn: Callable[[_Item], _Result], items: Sequence[_Item]) -> list[_Result]:
+        """``[fn(item) for item in items]``, the items taken in turn by the
+        calling thread and ``threads - 1`` helpers, each helper in a copy of
+        the caller's context (where :mod:`~distill_server.interruption` keeps
+        its check). A helper that finds the process holding more cores than
+        it has (a computation started meanwhile) gives its core back and
+        stops taking items; the caller finishes them. Every call has ended
+        when this returns, or raises the first error."""
+        if self.threads <= 1:
+            return [fn(item) for item in items]
+        results: list[Any] = [None] * len(items)
+        taken = 0
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def take(helper: bool) -> None:
+            nonlocal taken
+            while True:
+                with lock:
+                    if taken == len(items) or errors:
+                        return
+                    if helper and self.cores._crowded():
+                        self.threads -= 1
+                        self.cores._give(1)
+                        return
+                    index, taken = taken, taken + 1
+                try:
+                    results[index] = fn(items[index])
+                except BaseException as error:
+                    with lock:
+                        errors.append(error)
+                    return
+
+        helpers = min(self.threads, len(items)) - 1
+        pool = self.cores._pool(helpers) if helpers > 0 else None
+        started = [pool.submit(contextvars.copy_context().run, take, True) for _ in range(helpers)] if pool else []
+        take(False)
+        concurrent.futures.wait(started)  # none still writes into shared arrays when this returns
+        if errors:
+            raise errors[0]
+        return results
+
+
+cores = Cores(available())
+"""The process's cores: the engine claims them, the server sizes them (``--engine-threads``)."""

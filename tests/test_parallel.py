@@ -1,0 +1,292 @@
+"""Large layers on several threads: the cores' bookkeeping, and the engine's
+results split over threads against the same computation on one."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from distill_client import DistilLoss
+from distill_core.errors import LossOverflow
+from distill_core.losses import LossKind, Reduction
+from distill_server import backend, engine, interruption, parallel
+from distill_server.cli import parse_args
+from distill_server.config import ServerConfig
+from distill_server.engine import Layer
+from tests import seed
+from tests.servers import InProcessServer
+
+ROW = Reduction.PER_ROW
+LOSSES = [
+    DistilLoss.mse(),
+    DistilLoss.cosine(),
+    DistilLoss.kl_divergence(2.0),
+    DistilLoss.combined(0.3, 0.7, 4.0),
+    DistilLoss.cosine(reduction=ROW),
+    DistilLoss.kl_divergence(0.5, reduction=ROW),
+    DistilLoss.combined(0.6, 0.4, 3.0, reduction=ROW),
+]
+
+
+# ---------------------------------------------------------------- the cores
+
+
+def test_a_claim_gets_the_free_cores_and_at_least_its_own() -> None:
+    cores = parallel.Cores(4)
+    with cores.claim(8) as first:
+        assert (first.threads, cores.busy) == (4, 4)
+        with cores.claim(3) as second:  # nothing free: its own thread only
+            assert (second.threads, cores.busy) == (1, 5)
+    assert cores.busy == 0
+    with cores.claim(2) as small, cores.claim(8) as rest:
+        assert (small.threads, rest.threads) == (2, 2)
+    with cores.claim(1) as one:  # a small computation: not counted
+        assert cores.busy == 0 and one.map(abs, [-1, -2]) == [1, 2]
+    cores.resize(1)
+    with cores.claim(8) as only:
+        assert only.threads == 1
+
+
+def test_map_runs_at_once_in_order_with_the_callers_check() -> None:
+    cores = parallel.Cores(3)
+    barrier = threading.Barrier(3, timeout=10)  # passes only if all three run at the same time
+    seen: set[int] = set()
+
+    def check() -> None:
+        seen.add(threading.get_ident())
+
+    def work(item: int) -> int:
+        if item < 3:
+            barrier.wait()
+        interruption.check()  # the check installed around the map, in every thread
+        return item * item
+
+    with interruption.interruptible(check), cores.claim(3) as share:
+        assert share.map(work, [0, 1, 2, 3, 4]) == [0, 1, 4, 9, 16]
+    assert len(seen) == 3
+
+
+def test_a_helper_gives_its_core_back_when_another_computation_starts() -> None:
+    # Both cores are held by one computation when another starts: the helper
+    # finishes the item it has and leaves; the caller takes the rest.
+    cores = parallel.Cores(2)
+    caller = threading.get_ident()
+    helper_items: list[int] = []
+    helper_started, other_started, other_done = threading.Event(), threading.Event(), threading.Event()
+
+    def other() -> None:
+        with cores.claim(2) as share:
+            assert share.threads == 1
+            other_started.set()
+            other_done.wait(10)
+
+    def work(item: int) -> int:
+        if threading.get_ident() == caller:
+            helper_started.wait(10)  # let the helper take an item first
+        else:
+            helper_items.append(item)
+            if len(helper_items) == 1:
+                threading.Thread(target=other).start()
+                other_started.wait(10)
+            helper_started.set()
+        return item
+
+    with cores.claim(2) as share:
+        assert share.map(work, list(range(6))) == list(range(6))
+        assert len(helper_items) == 1 and share.threads == 1
+        assert cores.busy == 2  # this computation's core and the other's
+    other_done.set()
+
+
+def test_map_waits_for_every_thread_before_raising() -> None:
+    cores = parallel.Cores(2)
+    started, finished = threading.Event(), threading.Event()
+    taken: list[int] = []
+
+    def work(item: int) -> None:
+        taken.append(item)
+        if item == 0:  # the caller's: fails once the helper is busy with item 1
+            started.wait(10)
+            raise ValueError("the first fails")
+        started.set()
+        time.sleep(0.2)
+        finished.set()
+
+    with cores.claim(2) as share, pytest.raises(ValueError, match="the first fails"):
+        share.map(work, [0, 1, 2, 3])
+    assert finished.is_set()  # no helper still writes into shared arrays after the error
+    assert sorted(taken) == [0, 1]  # and nothing more was started after it
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2),
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: two threads, each busy part of the time
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.cfs_quota_us": "300000\n", "cpu.cfs_period_us": "100000\n"}, 3),
+        ({"cpu.cfs_quota_us": "-1\n", "cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+    ids=["v2-2", "v2-1.5", "v2-0.5", "v2-none", "v1-3", "v1-none", "no-cgroup"],
+)
+def test_available_cpus_follow_the_container_quota(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: dict[str, str], expected: int | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(
+        parallel,
+        "_CGROUP_QUOTAS",
+        (
+            (str(tmp_path / "cpu.max"), None),
+            (str(tmp_path / "cpu.cfs_quota_us"), str(tmp_path / "cpu.cfs_period_us")),
+        ),
+    )
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert parallel.available() == (8 if expected is None else expected)
+
+
+# ---------------------------------------------------------------- the engine
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Blocks of 64 elements, so small tensors split over threads."""
+    monkeypatch.setattr(backend, "CPU_BLOCK", 64)
+    yield
+
+
+class _Meeting:
+    """An interruption check that records the threads running blocks and
+    holds the first one until a second arrives (at most ``timeout`` s): a
+    layer split over threads shows two, however fast each part is."""
+
+    def __init__(self, timeout: float = 10.0) -> None:
+        self.threads: set[int] = set()
+        self._lock = threading.Lock()
+        self._met = threading.Event()
+        self._timeout = timeout
+
+    def __call__(self) -> None:
+        with self._lock:
+            self.threads.add(threading.get_ident())
+            if len(self.threads) >= 2:
+                self._met.set()
+        self._met.wait(self._timeout)
+
+
+def _on_cores(
+    monkeypatch: pytest.MonkeyPatch, count: int, loss: DistilLoss, t: Any, s: Any, split: bool = True
+) -> tuple[Any, int]:
+    """``evaluate`` with a gradient on ``count`` cores, and how many threads
+    ran its blocks (waiting for a second one where a ``split`` is expected)."""
+    monkeypatch.setattr(parallel, "cores", parallel.Cores(count))
+    meeting = _Meeting(timeout=10.0 if split and count > 1 else 0.0)
+    with interruption.interruptible(meeting):
+        result = engine.evaluate(loss, t, s, 0.75)
+    return result, len(meeting.threads)
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("loss", LOSSES, ids=repr)
+@pytest.mark.parametrize("gap", [1e-9, 0.5])
+def test_threads_agree_with_one(monkeypatch: pytest.MonkeyPatch, loss: DistilLoss, dtype: Any, gap: float) -> None:
+    # 7 rows of 300: per-row losses split their rows, flattened ones their one row's columns.
+    # Small gaps take KL's accurate form, whose sums must merge across threads too.
+    rng = np.random.default_rng(41)
+    t = rng.normal(size=(7, 300)).astype(dtype)
+    s = (t + gap * rng.normal(size=t.shape)).astype(dtype)
+    (value, grad), one = _on_cores(monkeypatch, 1, loss, t, s)
+    (split, split_grad), three = _on_cores(monkeypatch, 3, loss, t, s)
+    assert one == 1 and three >= 2  # the caller and at least one helper
+    # The sums add up in another order: absolute terms where the value cancels (see tests/seed.py).
+    atol = {LossKind.COSINE: seed.COSINE_ATOL}.get(loss.kind, seed.KL_ATOL * loss.temperature**2)
+    assert split == pytest.approx(value, rel=1e-12, abs=atol)
+    assert engine.loss_value(loss, t, s) == pytest.approx(value, rel=1e-12, abs=atol)
+    # As between a row in one block and in column chunks (test_edges): cosine near c = 1, where one
+    # rounding of c can cross the clamp at 1 and the gradient (sqrt(2 (1 - c)) / |s| there) drops
+    # to 0; elsewhere an element's rounding is relative to the largest (q - p cancels).
+    wide = s.astype(np.float64)
+    scale = 0.75 / float(np.sqrt((wide * wide).sum(axis=-1)).min()) if loss.kind is LossKind.COSINE else 0.0
+    atol = max(math.sqrt(2 * 2.3e-16) * scale, 1e-14 * float(np.abs(grad.astype(np.float64)).max()))
+    np.testing.assert_allclose(split_grad.astype(np.float64), grad.astype(np.float64), rtol=1e-11, atol=atol)
+    assert split_grad.dtype == grad.dtype
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("reduction", [Reduction.FLATTEN, ROW])
+def test_threads_scale_huge_cosine_rows(monkeypatch: pytest.MonkeyPatch, reduction: Reduction) -> None:
+    # Squared norms overflow float64: the rows are scaled by their maxima, found on every thread.
+    rng = np.random.default_rng(43)
+    t = rng.normal(size=(6, 400)) * 1e200
+    s = t * 0.5 + rng.normal(size=t.shape) * 1e199
+    loss = DistilLoss.cosine(reduction=reduction)
+    (value, grad), _ = _on_cores(monkeypatch, 1, loss, t, s)
+    (split, split_grad), threads = _on_cores(monkeypatch, 2, loss, t, s)
+    assert threads == 2 and math.isfinite(value)
+    assert split == pytest.approx(value, rel=1e-12)
+    np.testing.assert_allclose(split_grad, grad, rtol=1e-9, atol=1e-12 * float(np.abs(grad).max()))
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_gradient_overflowing_on_any_thread_is_an_error(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    # One element at the end, in the last thread's columns, overflows float16 (2 x 60000 / 2100 x 1e4).
+    monkeypatch.setattr(parallel, "cores", parallel.Cores(threads))
+    t = np.zeros(2100, np.float16)
+    s = t.copy()
+    s[-1] = 60000
+    with pytest.raises(LossOverflow, match="float16"):
+        engine.layer_loss([Layer(1e4, DistilLoss.mse())], 0, t, s, gradient=True)
+
+
+@pytest.mark.usefixtures("small_blocks")
+def test_a_busy_process_computes_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another computation holds both cores: this one gets its own thread and no helper.
+    monkeypatch.setattr(parallel, "cores", parallel.Cores(2))
+    t, s = np.linspace(-1, 1, 4096), np.linspace(1, -1, 4096)
+    seen: set[int] = set()
+    with parallel.cores.claim(2), interruption.interruptible(lambda: seen.add(threading.get_ident())):
+        engine.evaluate(DistilLoss.kl_divergence(2.0), t, s, 1.0)
+    assert seen == {threading.get_ident()}
+    assert parallel.cores.busy == 0
+
+
+@pytest.mark.usefixtures("small_blocks")
+def test_small_layers_stay_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fewer than SPLIT_BLOCKS blocks a thread would get: a hand-off costs what they do.
+    t = np.linspace(-1, 1, engine.SPLIT_BLOCKS * 64 * 2 - 1)
+    _, threads = _on_cores(monkeypatch, 8, DistilLoss.mse(), t, t[::-1].copy(), split=False)
+    assert threads == 1
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_engine_threads_flag_and_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parallel, "available", lambda: 8)
+    assert parse_args(["--engine-threads", "3"])[0].engine_threads == 3
+    assert parse_args([])[0].engine_threads == 8
+    assert parse_args(["--processes", "3"])[0].engine_threads == 2  # the CPUs shared among the processes
+    monkeypatch.setenv("DISTILL_ENGINE_THREADS", "5")
+    assert parse_args([])[0].engine_threads == 5
+    with pytest.raises(SystemExit):
+        parse_args(["--engine-threads", "0"])
+
+
+def test_the_server_sizes_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parallel, "cores", parallel.Cores(1))
+    with InProcessServer(ServerConfig(port=0, device="cpu", engine_threads=3)):
+        assert parallel.cores.count == 3
+    with InProcessServer(ServerConfig(port=0, device="cpu")):
+        assert parallel.cores.count == parallel.available()
