@@ -22,17 +22,9 @@ from distill_server.config import ServerConfig
 from distill_server.engine import Layer
 from tests import seed
 from tests.servers import InProcessServer
+from tests.test_edges import EVERY_LOSS
 
 ROW = Reduction.PER_ROW
-LOSSES = [
-    DistilLoss.mse(),
-    DistilLoss.cosine(),
-    DistilLoss.kl_divergence(2.0),
-    DistilLoss.combined(0.3, 0.7, 4.0),
-    DistilLoss.cosine(reduction=ROW),
-    DistilLoss.kl_divergence(0.5, reduction=ROW),
-    DistilLoss.combined(0.6, 0.4, 3.0, reduction=ROW),
-]
 
 
 # ---------------------------------------------------------------- the cores
@@ -151,7 +143,7 @@ def test_available_cpus_follow_the_container_quota(
             (str(tmp_path / "cpu.cfs_quota_us"), str(tmp_path / "cpu.cfs_period_us")),
         ),
     )
-    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
     assert parallel.available() == (8 if expected is None else expected)
 
 
@@ -198,7 +190,7 @@ def _on_cores(
 
 @pytest.mark.usefixtures("small_blocks")
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64], ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("loss", LOSSES, ids=repr)
+@pytest.mark.parametrize("loss", EVERY_LOSS, ids=repr)
 @pytest.mark.parametrize("gap", [1e-9, 0.5])
 def test_threads_agree_with_one(monkeypatch: pytest.MonkeyPatch, loss: DistilLoss, dtype: Any, gap: float) -> None:
     # 7 rows of 300: per-row losses split their rows, flattened ones their one row's columns.
