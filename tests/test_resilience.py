@@ -387,7 +387,7 @@ def test_cancelled_calls_stop_computing(start_server: type[ServerProcess], trans
 def test_drain_drops_queued_work_with_unavailable_within_grace(start_server: type[ServerProcess]) -> None:
     # A budget that receives one 128 MB request at a time: the others wait for room, and are still
     # waiting when the grace period ends. One worker on one engine thread: a call is not spread over
-    # the machine's cores, which on a quiet machine finished all six within the grace period.
+    # the machine's cores, with which a loaded machine once finished all six within the grace period.
     budget = ["--max-message-mb", "160", "--max-inflight-mb", "480", "--metrics-port", "0"]
     one = ["--workers", "1", "--engine-threads", "1"]
     proc = start_server(["--device", "cpu", *one, "--grace", "1", "--log-level", "DEBUG", *budget])
