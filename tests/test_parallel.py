@@ -282,3 +282,22 @@ def test_the_server_sizes_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
         assert parallel.cores.count == 3
     with InProcessServer(ServerConfig(port=0, device="cpu")):
         assert parallel.cores.count == parallel.available()
+
+
+def test_the_value_of_a_per_row_cosine_is_not_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its pass is mostly per-row dot products, which hold the GIL: a second thread would wait for the
+    # first. With a gradient (elementwise passes, which release it) the rows split as for other losses.
+    monkeypatch.setattr(backend, "CPU_BLOCK", 64)
+    monkeypatch.setattr(parallel, "cores", parallel.Cores(3))
+    rng = np.random.default_rng(47)
+    t, s = rng.normal(size=(7, 300)), rng.normal(size=(7, 300))
+    loss = DistilLoss.cosine(reduction=ROW)
+    meeting = _Meeting(timeout=0.0)
+    with interruption.interruptible(meeting):
+        value = engine.loss_value(loss, t, s)
+    assert meeting.threads == {threading.get_ident()}
+    (split, _), threads = _on_cores(monkeypatch, 3, loss, t, s)
+    assert threads >= 2
+    assert split == pytest.approx(value, rel=1e-12)
+    c = (t * s).sum(axis=1) / np.sqrt((t * t).sum(axis=1) * (s * s).sum(axis=1))
+    assert value == pytest.approx(float(np.mean(1 - c)), rel=1e-12)

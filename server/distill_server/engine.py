@@ -178,19 +178,17 @@ def _store(out: np.ndarray, g: np.ndarray) -> None:
     np.copyto(out.view(np.uint16), bits, where=small)
 
 
-_DOTTED_ROWS = 16
-"""Blocks of up to this many rows take their per-row dot products one BLAS
-``dot`` a row, which releases the GIL; NumPy's stacked ``matmul`` holds it
-(two threads computing at once ran 0.85x one), so with more rows, narrow
-ones, that one call costs less than a call a row."""
+def _row_dot(x: Any, y: Any) -> Any:
+    """Per-row dot products of two ``(r, m)`` float64 blocks (one pass, no
+    temporary; 2-4x a multiply and a sum).
 
-
-def _row_dot(xp: Any, x: Any, y: Any) -> Any:
-    """Per-row dot products of two ``(r, m)`` float64 blocks: BLAS dot
-    products (one pass, no temporary; 2-4x a multiply and a sum)."""
-    if xp is np and x.shape[0] <= _DOTTED_ROWS:
-        return np.array([np.dot(a, b) for a, b in zip(x, y, strict=True)])
-    return xp.matmul(x[:, None, :], y[:, :, None])[:, 0, 0]
+    One ``vecdot``; a single row takes a BLAS ``dot``, which releases the
+    GIL (``vecdot`` holds it when it loops 500 times or fewer), so the
+    threads computing a flattened loss's columns run it at once.
+    """
+    if x.shape[0] == 1:
+        return np.dot(x[0], y[0]).reshape(1)
+    return np.vecdot(x, y)
 
 
 class _Sums:
@@ -381,20 +379,20 @@ class _Pass:
                 if terms.mse:
                     sums.sq += float(xp.vdot(diff, diff))
             if terms.cosine:
-                sums.add_cosine(_row_dot(xp, tb, tb), _row_dot(xp, sb, sb), _row_dot(xp, tb, sb))
+                sums.add_cosine(_row_dot(tb, tb), _row_dot(sb, sb), _row_dot(tb, sb))
             if terms.kl:
                 a, b = xp.multiply(tb, 1 / tau, out=tb), xp.multiply(sb, 1 / tau, out=sb)
                 ma, mb = a.max(axis=1), b.max(axis=1)
                 xp.exp(xp.subtract(a, ma[:, None], out=ea), out=ea)
                 xp.exp(xp.subtract(b, mb[:, None], out=eb), out=eb)
                 # w = sum p (a - b): from s - t where it is at hand (one pass fewer, and exact before the scaling)
-                w = _row_dot(xp, ea, diff) * (-1 / tau) if differs else _row_dot(xp, ea, xp.subtract(a, b, out=tb))
+                w = _row_dot(ea, diff) * (-1 / tau) if differs else _row_dot(ea, xp.subtract(a, b, out=tb))
                 part = {"ma": ma, "za": ea.sum(axis=1), "w": w, "mb": mb, "zb": eb.sum(axis=1)}
                 if self.gradient:
                     d = xp.multiply(diff, 1 / tau, out=sb)
                     part["gap"] = xp.maximum(d.max(axis=1), -d.min(axis=1))
                     small = sums.small_gaps(xp, part["gap"])
-                    part["v"] = _row_dot(xp, ea, xp.expm1(d, out=sb)) if small else None
+                    part["v"] = _row_dot(ea, xp.expm1(d, out=sb)) if small else None
                 sums.add_kl(xp, part)
         self._kept = block if terms.kl and chunks == 1 else None
         return sums
@@ -642,8 +640,10 @@ def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None,
         with scratch.lend() as buffers:
             return accumulate(_Pass(terms, t[part], s[part], gradient, buffers), part)
 
-    # Parts of SPLIT_BLOCKS blocks: whole groups of rows, or one row's columns.
-    parts = n // (SPLIT_BLOCKS * block_size(t)) if xp is np else 1
+    # Parts of SPLIT_BLOCKS blocks: whole groups of rows, or one row's columns. Not the value alone of a
+    # per-row cosine: its pass spends most of its time in per-row dot products, which hold the GIL.
+    dotted = per_row and terms.cosine > 0 and not gradient
+    parts = n // (SPLIT_BLOCKS * block_size(t)) if xp is np and not dotted else 1
     with parallel.cores.claim(parts) as share, np.errstate(all="ignore"):
         if xp is not np:
             partials = [accumulate(_CudaPass(xp, terms, t, s, gradient))]
