@@ -178,16 +178,20 @@ def _store(out: np.ndarray, g: np.ndarray) -> None:
     np.copyto(out.view(np.uint16), bits, where=small)
 
 
-def _row_dot(x: Any, y: Any) -> Any:
-    """Per-row dot products of two ``(r, m)`` float64 blocks (one pass, no
-    temporary; 2-4x a multiply and a sum).
+_DOTTED_ROWS = 16
+"""On a pass that shares its layer with other threads, blocks of up to this
+many rows take a BLAS ``dot`` a row, which releases the GIL; ``vecdot``
+holds it (NumPy releases it in a gufunc only past 500 loops)."""
 
-    One ``vecdot``; a single row takes a BLAS ``dot``, which releases the
-    GIL (``vecdot`` holds it when it loops 500 times or fewer), so the
-    threads computing a flattened loss's columns run it at once.
-    """
-    if x.shape[0] == 1:
-        return np.dot(x[0], y[0]).reshape(1)
+
+def _row_dot(x: Any, y: Any, shared: bool = False) -> Any:
+    """Per-row dot products of two ``(r, m)`` float64 blocks (one pass, no
+    temporary; 2-4x a multiply and a sum): one ``vecdot``, the fastest on
+    one thread, or a ``dot`` a row where the GIL matters (see
+    :data:`_DOTTED_ROWS`; a single row is always a ``dot``)."""
+    rows = x.shape[0]
+    if rows == 1 or (shared and rows <= _DOTTED_ROWS):
+        return np.array([np.dot(a, b) for a, b in zip(x, y, strict=True)])
     return np.vecdot(x, y)
 
 
@@ -321,8 +325,11 @@ class _Pass:
     pass reuses the exponentials the first pass left in the buffers.
     """
 
-    def __init__(self, terms: _Terms, t: Any, s: Any, gradient: bool, scratch: Sequence[Any]) -> None:
+    def __init__(
+        self, terms: _Terms, t: Any, s: Any, gradient: bool, scratch: Sequence[Any], shared: bool = False
+    ) -> None:
         self.xp, self.terms, self.t, self.s, self.gradient = np, terms, t, s, gradient
+        self.shared = shared  # other threads compute the same layer
         self.row_module: Any = np
         self.rows, self.width = int(t.shape[0]), int(t.shape[1])
         self.group, self.chunk = self.rows_per_block(t), min(self.width, block_size(t))
@@ -379,20 +386,25 @@ class _Pass:
                 if terms.mse:
                     sums.sq += float(xp.vdot(diff, diff))
             if terms.cosine:
-                sums.add_cosine(_row_dot(tb, tb), _row_dot(sb, sb), _row_dot(tb, sb))
+                shared = self.shared
+                sums.add_cosine(_row_dot(tb, tb, shared), _row_dot(sb, sb, shared), _row_dot(tb, sb, shared))
             if terms.kl:
                 a, b = xp.multiply(tb, 1 / tau, out=tb), xp.multiply(sb, 1 / tau, out=sb)
                 ma, mb = a.max(axis=1), b.max(axis=1)
                 xp.exp(xp.subtract(a, ma[:, None], out=ea), out=ea)
                 xp.exp(xp.subtract(b, mb[:, None], out=eb), out=eb)
                 # w = sum p (a - b): from s - t where it is at hand (one pass fewer, and exact before the scaling)
-                w = _row_dot(ea, diff) * (-1 / tau) if differs else _row_dot(ea, xp.subtract(a, b, out=tb))
+                w = (
+                    _row_dot(ea, diff, self.shared) * (-1 / tau)
+                    if differs
+                    else _row_dot(ea, xp.subtract(a, b, out=tb), self.shared)
+                )
                 part = {"ma": ma, "za": ea.sum(axis=1), "w": w, "mb": mb, "zb": eb.sum(axis=1)}
                 if self.gradient:
                     d = xp.multiply(diff, 1 / tau, out=sb)
                     part["gap"] = xp.maximum(d.max(axis=1), -d.min(axis=1))
                     small = sums.small_gaps(xp, part["gap"])
-                    part["v"] = _row_dot(ea, xp.expm1(d, out=sb)) if small else None
+                    part["v"] = _row_dot(ea, xp.expm1(d, out=sb), self.shared) if small else None
                 sums.add_kl(xp, part)
         self._kept = block if terms.kl and chunks == 1 else None
         return sums
@@ -636,9 +648,9 @@ def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None,
         into = None if grid is None else grid[part]
         return _accumulate(passes, terms, t[part], s[part], into, n, rows, k)
 
-    def rows_of(part: slice) -> tuple[float, float, float, float]:
+    def rows_of(part: slice, shared: bool = True) -> tuple[float, float, float, float]:
         with scratch.lend() as buffers:
-            return accumulate(_Pass(terms, t[part], s[part], gradient, buffers), part)
+            return accumulate(_Pass(terms, t[part], s[part], gradient, buffers, shared), part)
 
     # Parts of SPLIT_BLOCKS blocks: whole groups of rows, or one row's columns. Not the value alone of a
     # per-row cosine: its pass spends most of its time in per-row dot products, which hold the GIL.
@@ -648,7 +660,7 @@ def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None,
         if xp is not np:
             partials = [accumulate(_CudaPass(xp, terms, t, s, gradient))]
         elif share.threads <= 1:
-            partials = [rows_of(slice(None))]
+            partials = [rows_of(slice(None), shared=False)]
         elif rows == 1:
             partials = [accumulate(_Columns(terms, t, s, gradient, share))]
         else:
