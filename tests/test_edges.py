@@ -16,7 +16,7 @@ import pytest
 from distill_client import DistilLoss, RemoteFeatureDistiller
 from distill_core.errors import LossOverflow
 from distill_core.losses import LossKind, Reduction
-from distill_server import backend, engine, interruption, parallel
+from distill_server import backend, engine, interruption, parallel, scratch
 from distill_server.engine import Layer
 from tests import seed
 from tests.reference import reference
@@ -282,6 +282,7 @@ def test_wide_rows_take_a_few_blocks_of_memory(monkeypatch: pytest.MonkeyPatch, 
     # vectors): student.nbytes + 8 MiB a thread, under the 32 MB of inputs
     # with two. Whole rows in float64 and full-size temporaries took 13x the inputs.
     monkeypatch.setattr(parallel, "cores", parallel.Cores(threads))
+    monkeypatch.setattr(scratch, "_free", [])  # the scratch buffers are allocated, and counted, here
     rng = np.random.default_rng(16)
     t = rng.normal(size=(2, 4_000_000)).astype(np.float16)
     s = (t + rng.normal(size=t.shape).astype(np.float16)).astype(np.float16)

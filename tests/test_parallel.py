@@ -99,22 +99,35 @@ def test_a_helper_gives_its_core_back_when_another_computation_starts() -> None:
 
 def test_map_waits_for_every_thread_before_raising() -> None:
     cores = parallel.Cores(2)
-    started, finished = threading.Event(), threading.Event()
+    caller = threading.get_ident()
+    started, failing, finished = threading.Event(), threading.Event(), threading.Event()
     taken: list[int] = []
 
     def work(item: int) -> None:
         taken.append(item)
-        if item == 0:  # the caller's: fails once the helper is busy with item 1
+        if threading.get_ident() == caller:  # fails once the helper is busy with its item
             started.wait(10)
-            raise ValueError("the first fails")
+            failing.set()
+            raise ValueError("the caller's item fails")
         started.set()
-        time.sleep(0.2)
+        failing.wait(10)
+        time.sleep(0.2)  # still computing when the error is raised
         finished.set()
 
-    with cores.claim(2) as share, pytest.raises(ValueError, match="the first fails"):
+    with cores.claim(2) as share, pytest.raises(ValueError, match="the caller's item fails"):
         share.map(work, [0, 1, 2, 3])
     assert finished.is_set()  # no helper still writes into shared arrays after the error
-    assert sorted(taken) == [0, 1]  # and nothing more was started after it
+    assert len(taken) == 2  # and nothing more was started after it
+
+
+def test_cores_beyond_the_items_are_given_back() -> None:
+    cores = parallel.Cores(8)
+    seen: list[int] = []
+    with cores.claim(8) as share:
+        assert share.threads == 8
+        share.map(lambda item: seen.append(cores.busy), [0, 1])
+        assert share.threads == 2 and cores.busy == 2
+    assert seen == [2, 2] and cores.busy == 0
 
 
 @pytest.mark.parametrize(
@@ -143,7 +156,7 @@ def test_available_cpus_follow_the_container_quota(
             (str(tmp_path / "cpu.cfs_quota_us"), str(tmp_path / "cpu.cfs_period_us")),
         ),
     )
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert parallel.available() == (8 if expected is None else expected)
 
 
@@ -301,3 +314,16 @@ def test_the_value_of_a_per_row_cosine_is_not_split(monkeypatch: pytest.MonkeyPa
     assert split == pytest.approx(value, rel=1e-12)
     c = (t * s).sum(axis=1) / np.sqrt((t * t).sum(axis=1) * (s * s).sum(axis=1))
     assert value == pytest.approx(float(np.mean(1 - c)), rel=1e-12)
+
+
+def test_a_layer_of_few_rows_holds_a_core_a_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two wide rows on eight cores: the other six are free for other computations meanwhile.
+    monkeypatch.setattr(backend, "CPU_BLOCK", 64)
+    cores = parallel.Cores(8)
+    monkeypatch.setattr(parallel, "cores", cores)
+    rng = np.random.default_rng(53)
+    t, s = rng.normal(size=(2, 4096)), rng.normal(size=(2, 4096))
+    busy: list[int] = []
+    with interruption.interruptible(lambda: busy.append(cores.busy)):
+        engine.evaluate(DistilLoss.kl_divergence(2.0, reduction=ROW), t, s, 1.0)
+    assert max(busy) == 2 and cores.busy == 0

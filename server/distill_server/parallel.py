@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import contextvars
+import functools
 import math
 import os
 import threading
@@ -98,27 +99,35 @@ class Cores:
         try:
             yield share
         finally:
-            self._give(share.threads)
+            self.give(share.threads)
 
-    def _give(self, count: int) -> None:
+    def give(self, count: int) -> None:
+        """Give back ``count`` cores a computation held."""
         with self._lock:
             self._busy -= count
 
-    def _crowded(self) -> bool:
-        """Whether computations hold more cores than there are (one started while all were held)."""
-        return self._busy > self.count
-
-    def _pool(self, needed: int) -> concurrent.futures.ThreadPoolExecutor:
-        """The helper threads: one fewer than the cores (the callers compute too), made on first use."""
+    def leave_if_crowded(self) -> bool:
+        """Give back one core if computations hold more than there are (one
+        started while all were held); whether it was given."""
         with self._lock:
-            if self._helpers is None or self._helper_count < needed:
+            if self._busy <= self.count:
+                return False
+            self._busy -= 1
+            return True
+
+    def helpers(self, count: int, task: Callable[[], None]) -> list[concurrent.futures.Future[None]]:
+        """Run ``task`` on ``count`` helper threads, each in a copy of the
+        caller's context. The pool has one thread fewer than the cores (the
+        callers compute too), made on first use and grown with ``count``."""
+        with self._lock:
+            if self._helpers is None or self._helper_count < count:
                 if self._helpers is not None:
                     self._helpers.shutdown(wait=False)  # its threads end once their work is done
-                self._helper_count = max(needed, self.count - 1)
+                self._helper_count = max(count, self.count - 1)
                 self._helpers = concurrent.futures.ThreadPoolExecutor(
                     self._helper_count, thread_name_prefix="distill-engine"
                 )
-            return self._helpers
+            return [self._helpers.submit(contextvars.copy_context().run, task) for _ in range(count)]
 
 
 class Share:
@@ -132,10 +141,15 @@ class Share:
         """``[fn(item) for item in items]``, the items taken in turn by the
         calling thread and ``threads - 1`` helpers, each helper in a copy of
         the caller's context (where :mod:`~distill_server.interruption` keeps
-        its check). A helper that finds the process holding more cores than
-        it has (a computation started meanwhile) gives its core back and
-        stops taking items; the caller finishes them. Every call has ended
-        when this returns, or raises the first error."""
+        its check). Cores beyond one an item are given back at once. A
+        helper that finds the process holding more cores than it has (a
+        computation started meanwhile) gives its core back and stops taking
+        items; the caller finishes them. Every call has ended when this
+        returns, or raises the first error."""
+        used = max(1, min(self.threads, len(items)))
+        if used < self.threads:  # fewer items than cores: the others go back now
+            self.cores.give(self.threads - used)
+            self.threads = used
         if self.threads <= 1:
             return [fn(item) for item in items]
         results: list[Any] = [None] * len(items)
@@ -149,9 +163,8 @@ class Share:
                 with lock:
                     if taken == len(items) or errors:
                         return
-                    if helper and self.cores._crowded():
+                    if helper and self.cores.leave_if_crowded():
                         self.threads -= 1
-                        self.cores._give(1)
                         return
                     index, taken = taken, taken + 1
                 try:
@@ -161,11 +174,13 @@ class Share:
                         errors.append(error)
                     return
 
-        helpers = min(self.threads, len(items)) - 1
-        pool = self.cores._pool(helpers) if helpers > 0 else None
-        started = [pool.submit(contextvars.copy_context().run, take, True) for _ in range(helpers)] if pool else []
-        take(False)
-        concurrent.futures.wait(started)  # none still writes into shared arrays when this returns
+        started = self.cores.helpers(self.threads - 1, functools.partial(take, True))
+        try:
+            take(False)
+        finally:
+            for future in started:
+                future.cancel()  # not started yet: nothing left for it
+            concurrent.futures.wait(started)  # none still writes into shared arrays when this returns
         if errors:
             raise errors[0]
         return results
