@@ -362,7 +362,7 @@ BLOCK = backend.CPU_BLOCK
     [
         (DistilLoss.mse(), (10 * BLOCK + 3,), 11),
         (DistilLoss.kl_divergence(2.0), (4, 3 * BLOCK), 12),
-        (DistilLoss.cosine(reduction=ROW), (2, 3 * BLOCK + 1), 8),  # column chunks
+        (DistilLoss.cosine(reduction=ROW), (2, 6 * BLOCK + 1), 8),  # column chunks (the value's: two blocks)
         (DistilLoss.kl_divergence(2.0, reduction=ROW), (2, 3 * BLOCK + 1), 8),
         (DistilLoss.combined(0.5, 0.5, 2.0, reduction=ROW), (4 * BLOCK // 100, 100), 4),  # groups of whole rows
     ],

@@ -31,8 +31,9 @@ CPU_BLOCK = 1 << 17
 """Elements per block on the CPU: 1 MiB float64 scratch buffers, each within
 a core's 2 MiB L2 and all of them in the last-level cache. Larger blocks
 cost fewer Python steps per pass; measured side by side, this size was the
-fastest of 2^14 to 2^19 for every loss, with and without the gradient
-(docs/benchmarks.md, the engine)."""
+fastest of 2^14 to 2^19 for every loss, with and without the gradient,
+except the value of cosine, whose passes use fewer buffers and take two
+blocks at a time (docs/benchmarks.md, the engine)."""
 
 STAGING_CHUNK = 8 << 20
 """Bytes per pinned staging buffer; each GPU server thread has two."""

@@ -3,7 +3,7 @@
 A layer's tensors are viewed as ``R`` rows of width ``d``: one row of all
 ``n`` elements for ``FLATTEN`` (the reference's behaviour), the last axis for
 ``PER_ROW`` cosine and KL (averaged over rows). Rows are processed in blocks
-of at most :func:`~distill_server.backend.block_size` elements: whole rows
+of at most :func:`_block` elements: whole rows
 when they fit, else column chunks of one row. Each block is cast into
 float64 scratch buffers (in cache on the CPU; one block on a GPU) and every
 sum a loss needs is taken from it, per row:
@@ -316,31 +316,44 @@ class _Factors:
     small: Any = None
 
 
+def _buffers(terms: _Terms, gradient: bool) -> int:
+    """Float64 buffers of one block a CPU pass uses: its two inputs, and
+    the difference (MSE) or the exponentials (KL); cosine's gradient pass
+    uses two more."""
+    return 5 if terms.kl else (4 if gradient else 2) if terms.cosine else 3
+
+
+def _block(terms: _Terms, gradient: bool, t: Any) -> int:
+    """Elements a CPU pass over ``t`` takes at a time: the scratch set
+    (:data:`~distill_server.scratch.BUFFERS` blocks of
+    :data:`~distill_server.backend.CPU_BLOCK`) shared among the buffers the
+    pass uses, in a power of two of blocks. The value of cosine, with two
+    buffers, takes blocks twice as large: its per-block work (the dot
+    products) runs half as often, which measured 8.1 -> 8.7 GB/s on one
+    thread and 10.7 -> 13.4 on two; MSE and KL were level or slower so."""
+    share = scratch.BUFFERS // _buffers(terms, gradient)
+    return min(block_size(t) << (share.bit_length() - 1), max(int(t.size), 1))
+
+
 class _Pass:
     """The passes over one layer's ``(R, d)`` views on the CPU, in blocks of ``group`` rows by ``chunk`` columns.
 
-    Float64 scratch buffers of one block each (three for MSE, four for
-    cosine, five for KL; lent by :mod:`~distill_server.scratch`) are all the
-    memory a pass takes. When a group of rows is one block, KL's gradient
-    pass reuses the exponentials the first pass left in the buffers.
+    Float64 scratch buffers of one block each (see :func:`_buffers`), carved
+    out of a set lent by :mod:`~distill_server.scratch`, are all the memory a
+    pass takes. When a group of rows is one block, KL's gradient pass reuses
+    the exponentials the first pass left in the buffers.
     """
 
-    def __init__(
-        self, terms: _Terms, t: Any, s: Any, gradient: bool, scratch: Sequence[Any], shared: bool = False
-    ) -> None:
+    def __init__(self, terms: _Terms, t: Any, s: Any, gradient: bool, buffers: Any, shared: bool = False) -> None:
         self.xp, self.terms, self.t, self.s, self.gradient = np, terms, t, s, gradient
         self.shared = shared  # other threads compute the same layer
         self.row_module: Any = np
         self.rows, self.width = int(t.shape[0]), int(t.shape[1])
-        self.group, self.chunk = self.rows_per_block(t), min(self.width, block_size(t))
-        count = 5 if terms.kl else 4 if terms.cosine else 3
-        self.scratch = [buffer[: self.group * self.chunk] for buffer in scratch[:count]]
+        block = _block(terms, gradient, t)
+        self.group, self.chunk = max(1, block // self.width), min(self.width, block)
+        size = self.group * self.chunk
+        self.scratch = [buffers[i * block : i * block + size] for i in range(_buffers(terms, gradient))]
         self._kept: slice | None = None  # the group whose KL exponentials are in the scratch
-
-    @staticmethod
-    def rows_per_block(t: Any) -> int:
-        """How many of the rows of ``t`` a block holds (one if a row is wider)."""
-        return max(1, block_size(t) // int(t.shape[1]))
 
     def _chunks(self, block: slice) -> Iterator[tuple[slice, list[Any]]]:
         """The column chunks of the rows ``block``, each with ``(rows, columns)`` views of
@@ -472,7 +485,7 @@ class _Columns:
 
     def __init__(self, terms: _Terms, t: Any, s: Any, gradient: bool, share: parallel.Share) -> None:
         self.terms, self.t, self.s, self.gradient, self.share = terms, t, s, gradient, share
-        self.ranges = _split(int(t.shape[1]), SPLIT_BLOCKS * block_size(t))
+        self.ranges = _split(int(t.shape[1]), SPLIT_BLOCKS * _block(terms, gradient, t))
 
     def _each(self, method: Callable[[_Pass, slice], Any]) -> list[Any]:
         """``method(pass, columns)`` for each column range, on its own pass and scratch."""
@@ -655,7 +668,8 @@ def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None,
     # Parts of SPLIT_BLOCKS blocks: whole groups of rows, or one row's columns. Not the value alone of a
     # per-row cosine: its pass spends most of its time in per-row dot products, which hold the GIL.
     dotted = per_row and terms.cosine > 0 and not gradient
-    parts = n // (SPLIT_BLOCKS * block_size(t)) if xp is np and not dotted else 1
+    block = _block(terms, gradient, t)
+    parts = n // (SPLIT_BLOCKS * block) if xp is np and not dotted else 1
     with parallel.cores.claim(parts) as share, np.errstate(all="ignore"):
         if xp is not np:
             partials = [accumulate(_CudaPass(xp, terms, t, s, gradient))]
@@ -664,7 +678,7 @@ def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None,
         elif rows == 1:
             partials = [accumulate(_Columns(terms, t, s, gradient, share))]
         else:
-            per_part = min(SPLIT_BLOCKS * _Pass.rows_per_block(t), -(-rows // share.threads))
+            per_part = min(SPLIT_BLOCKS * max(1, block // width), -(-rows // share.threads))
             partials = share.map(rows_of, _split(rows, per_part))
     sq, cosine, kl = (sum(values) for values in list(zip(*partials, strict=True))[:3])
     peak = _peak(*(partial[3] for partial in partials))
