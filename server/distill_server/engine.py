@@ -330,7 +330,7 @@ def _block(terms: _Terms, gradient: bool, t: Any) -> int:
     pass uses, in a power of two of blocks. The value of cosine, with two
     buffers, takes blocks twice as large: its per-block work (the dot
     products) runs half as often, which measured 8.1 -> 8.7 GB/s on one
-    thread and 10.7 -> 13.4 on two; MSE and KL were level or slower so."""
+    thread and 11.8 -> 14.6 on two; MSE and KL were level or slower so."""
     share = scratch.BUFFERS // _buffers(terms, gradient)
     return min(block_size(t) << (share.bit_length() - 1), max(int(t.size), 1))
 
