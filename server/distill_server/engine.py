@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -622,6 +622,20 @@ def _joined(rx: Any, groups: list[tuple[_Sums, _Factors]]) -> tuple[_Sums, _Fact
     return joined, factors
 
 
+class _Partial(NamedTuple):
+    """What a pass over some of a layer's rows adds up: the sums of squares,
+    of cosine distances and of KL divergences of those rows, and their
+    gradient's largest magnitude; all NaN for non-finite inputs."""
+
+    sq: float
+    cosine: float
+    kl: float
+    peak: float
+
+
+_NON_FINITE = _Partial(math.nan, math.nan, math.nan, math.nan)
+
+
 SPLIT_BLOCKS = 4
 """A layer is split over threads only where each thread gets at least this
 many blocks: handing work to a thread costs about what a block does."""
@@ -657,11 +671,11 @@ def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None,
     k = scale or 0.0  # used only with a gradient
     gradient = scale is not None
 
-    def accumulate(passes: Any, part: slice = slice(None)) -> tuple[float, float, float, float]:
+    def accumulate(passes: Any, part: slice = slice(None)) -> _Partial:
         into = None if grid is None else grid[part]
         return _accumulate(passes, terms, t[part], s[part], into, n, rows, k)
 
-    def rows_of(part: slice, shared: bool = True) -> tuple[float, float, float, float]:
+    def rows_of(part: slice, shared: bool = True) -> _Partial:
         with scratch.lend() as buffers:
             return accumulate(_Pass(terms, t[part], s[part], gradient, buffers, shared), part)
 
@@ -680,8 +694,8 @@ def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None,
         else:
             per_part = min(SPLIT_BLOCKS * max(1, block // width), -(-rows // share.threads))
             partials = share.map(rows_of, _split(rows, per_part))
-    sq, cosine, kl = (sum(values) for values in list(zip(*partials, strict=True))[:3])
-    peak = _peak(*(partial[3] for partial in partials))
+    sq, cosine, kl = (sum(p.sq for p in partials), sum(p.cosine for p in partials), sum(p.kl for p in partials))
+    peak = _peak(*(p.peak for p in partials))
     kl_part = terms.kl * (terms.tau * terms.tau) * kl / rows if terms.kl else 0.0
     value = terms.mse * sq / n + terms.cosine * cosine / rows + kl_part
     if out is None or not math.isfinite(value):
@@ -691,14 +705,10 @@ def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None,
     return value, out
 
 
-def _accumulate(
-    passes: Any, terms: _Terms, t: Any, s: Any, out: Any, n: int, rows: int, k: float
-) -> tuple[float, float, float, float]:
+def _accumulate(passes: Any, terms: _Terms, t: Any, s: Any, out: Any, n: int, rows: int, k: float) -> _Partial:
     """The sums of ``passes``'s rows (``t, s``, part of a layer of ``n``
-    elements in ``rows`` rows), their gradient, scaled by ``k``, written
-    into ``out`` (or None): ``(sum of squares, sum of cosine distances, sum
-    of KL divergences, the gradient's largest magnitude)``, all NaN for
-    non-finite inputs (reported by the caller)."""
+    elements in ``rows`` rows), and their gradient, scaled by ``k``, written
+    into ``out`` (or None); non-finite inputs are the caller's to report."""
     rx = passes.row_module  # where the per-row sums are, and the per-row math runs
     gamma = k * terms.kl * terms.tau / rows  # d KL / ds = tau (q - p), per row
     sq = cosine = kl = peak = 0.0
@@ -714,7 +724,7 @@ def _accumulate(
                 # Huge float64 rows: cosine is scale-free, so scale each row to max 1.
                 kt, ks = passes.row_max(t, block), passes.row_max(s, block)
                 if not (bool(rx.isfinite(kt).all()) and bool(rx.isfinite(ks).all())):
-                    return math.nan, math.nan, math.nan, math.nan
+                    return _NON_FINITE
                 factors.kt, factors.ks = rx.where(kt == 0, 1.0, kt), rx.where(ks == 0, 1.0, ks)
                 sums = passes.sums(block, factors.kt, factors.ks)
         if out is None:
@@ -726,7 +736,7 @@ def _accumulate(
             peak = _peak(peak, passes.gradient_pass(block, factors, out[block]))
     if deferred:
         cosine, kl = _row_math(rx, terms, *_joined(rx, deferred), 0.0, 0.0)
-    return sq, cosine, kl, peak
+    return _Partial(sq, cosine, kl, peak)
 
 
 BATCH_MAX_ELEMENTS = 1 << 24
