@@ -344,13 +344,14 @@ class _Pass:
     the exponentials the first pass left in the buffers.
     """
 
-    def __init__(self, terms: _Terms, t: Any, s: Any, gradient: bool, buffers: Any, shared: bool = False) -> None:
+    def __init__(
+        self, terms: _Terms, t: Any, s: Any, gradient: bool, buffers: Any, block: int, shared: bool = False
+    ) -> None:
         self.xp, self.terms, self.t, self.s, self.gradient = np, terms, t, s, gradient
         self.shared = shared  # other threads compute the same layer
         self.row_module: Any = np
         self.rows, self.width = int(t.shape[0]), int(t.shape[1])
-        block = _block(terms, gradient, t)
-        self.group, self.chunk = max(1, block // self.width), min(self.width, block)
+        self.group, self.chunk = max(1, block // self.width), min(self.width, block)  # block: _block's
         size = self.group * self.chunk
         self.scratch = [buffers[i * block : i * block + size] for i in range(_buffers(terms, gradient))]
         self._kept: slice | None = None  # the group whose KL exponentials are in the scratch
@@ -485,14 +486,15 @@ class _Columns:
 
     def __init__(self, terms: _Terms, t: Any, s: Any, gradient: bool, share: parallel.Share) -> None:
         self.terms, self.t, self.s, self.gradient, self.share = terms, t, s, gradient, share
-        self.ranges = _split(int(t.shape[1]), SPLIT_BLOCKS * _block(terms, gradient, t))
+        self.block = _block(terms, gradient, t)
+        self.ranges = _split(int(t.shape[1]), SPLIT_BLOCKS * self.block)
 
     def _each(self, method: Callable[[_Pass, slice], Any]) -> list[Any]:
         """``method(pass, columns)`` for each column range, on its own pass and scratch."""
 
         def run(columns: slice) -> Any:
             with scratch.lend() as buffers:
-                part = _Pass(self.terms, self.t[:, columns], self.s[:, columns], self.gradient, buffers)
+                part = _Pass(self.terms, self.t[:, columns], self.s[:, columns], self.gradient, buffers, self.block)
                 return method(part, columns)
 
         return self.share.map(run, self.ranges)
@@ -677,7 +679,7 @@ def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None,
 
     def rows_of(part: slice, shared: bool = True) -> _Partial:
         with scratch.lend() as buffers:
-            return accumulate(_Pass(terms, t[part], s[part], gradient, buffers, shared), part)
+            return accumulate(_Pass(terms, t[part], s[part], gradient, buffers, block, shared), part)
 
     # Parts of SPLIT_BLOCKS blocks: whole groups of rows, or one row's columns. Not the value alone of a
     # per-row cosine: its pass spends most of its time in per-row dot products, which hold the GIL.
@@ -766,16 +768,7 @@ def _evaluate_batch(
     if scale is None or grad is None or not math.isfinite(value):
         return value, None
     grad *= scale
-    peak = float(xp.abs(grad).max())
-    if _overflows(peak, student.dtype):
-        raise _GradientOverflow(peak, student.dtype)
-    if out is None:
-        out = xp.empty(student.shape, dtype=student.dtype)
-    if xp is np:
-        _store(out, grad)
-    else:
-        out[...] = grad
-    return value, out
+    return value, _gradient_into(xp, grad, student, out)
 
 
 def _evaluate_response(
@@ -805,16 +798,23 @@ def _evaluate_response(
     probabilities[picked] -= 1.0
     grad = grad.reshape(rows, classes)
     grad += (scale * loss.hard_label_weight / rows) * probabilities
+    return value, _gradient_into(xp, grad.reshape(student.shape), student, out)
+
+
+def _gradient_into(xp: Any, grad: Any, student: Any, out: Any) -> Any:
+    """A float64 gradient of the student's shape, in the student's dtype:
+    into ``out`` if given, else a new array; a gradient beyond that dtype
+    raises :class:`_GradientOverflow`."""
     peak = float(xp.abs(grad).max())
     if _overflows(peak, student.dtype):
         raise _GradientOverflow(peak, student.dtype)
     if out is None:
         out = xp.empty(student.shape, dtype=student.dtype)
     if xp is np:
-        _store(out.reshape(rows, classes), grad)
+        _store(out, grad)
     else:
-        out.reshape(rows, classes)[...] = grad
-    return value, out
+        out[...] = grad
+    return out
 
 
 def _check_sizes(index: int, teacher: Any, student: Any, fields: Sequence[str]) -> None:
