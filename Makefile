@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_loopback.py $(ARGS)
 	$(BIN)/python bench/bench_engine.py
 	$(BIN)/python bench/bench_zoo.py
+	$(BIN)/python bench/bench_limits.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -16,7 +16,7 @@ import pytest
 from distill_client import DistilLoss, RemoteFeatureDistiller
 from distill_core.errors import LossOverflow
 from distill_core.losses import LossKind, Reduction
-from distill_server import backend, engine, interruption, parallel, scratch
+from distill_server import backend, engine, interruption, parallel, relational, scratch
 from distill_server.engine import Layer
 from tests import seed
 from tests.reference import reference
@@ -352,6 +352,35 @@ def test_a_check_stops_a_batch_loss_between_its_blocks() -> None:
     with interruption.interruptible(counted):
         engine.total_loss(layers, [t], [s], gradient=True)
     assert counted.calls > 3
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        DistilLoss.similarity_preserving(),
+        DistilLoss.linear_cka(),
+        DistilLoss.pkt(),
+        DistilLoss.correlation_congruence(),
+    ],
+    ids=lambda loss: loss.kind.value,
+)
+def test_a_check_stops_a_gram_loss_between_the_blocks_of_its_products(
+    monkeypatch: pytest.MonkeyPatch, loss: DistilLoss
+) -> None:
+    monkeypatch.setattr(relational, "MIN_SLICE", 4)
+    monkeypatch.setattr(relational, "PRODUCT_WORK", 1)
+    rng = np.random.default_rng(4)
+    t, s = rng.normal(size=(16, 8)), rng.normal(size=(16, 5))
+    layers = [Layer(1.0, loss)]
+    counted = Counter()
+    with interruption.interruptible(counted):
+        engine.total_loss(layers, [t], [s], gradient=True)
+    # Before any work, then before each block of 4 rows: two Gram matrices and the gradient's product.
+    assert counted.calls >= 1 + 3 * 4
+    stopped = Counter(stop_at=5)
+    with interruption.interruptible(stopped), pytest.raises(Stop):
+        engine.total_loss(layers, [t], [s], gradient=True)
+    assert stopped.calls == 5
 
 
 BLOCK = backend.CPU_BLOCK

@@ -18,6 +18,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from distill_server import relational
 from distill_server.relational import LOSSES, MAX_BATCH, NST_MAX_CHANNELS, Undefined
 
 Params = Mapping[str, Any]
@@ -52,6 +53,8 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("rkd", {"distance_weight": 0, "angle_weight": 1.5}),
 ]
 IDS = [f"{name}{params or ''}" for name, params in VARIANTS]
+GRAMS = [(i, v) for i, v in zip(IDS, VARIANTS, strict=True) if v[0] not in ("attention_transfer", "nst")]
+"""The variants whose Gram matrices and gradient products are taken in blocks of rows."""
 SMALLEST = {
     "similarity_preserving": 2,
     "linear_cka": 3,
@@ -250,6 +253,31 @@ def test_smallest_batches(xp: ModuleType, name: str, params: Params) -> None:
         t, s = pair(MAPS, seed=3, batch=batch)
         reference = torchdistill_loss(name, params) or paper_loss(name, params)
         assert_matches(evaluate(name, t, s, params, xp), autograd(reference, t, s))
+
+
+@pytest.mark.parametrize(("name", "params"), [v for _, v in GRAMS], ids=[i for i, _ in GRAMS])
+def test_products_in_blocks_of_rows_are_the_formulas(
+    monkeypatch: pytest.MonkeyPatch, xp: ModuleType, name: str, params: Params
+) -> None:
+    """With blocks of 2 rows (the last one shorter), every loss is still its formula."""
+    monkeypatch.setattr(relational, "MIN_SLICE", 2)
+    monkeypatch.setattr(relational, "PRODUCT_WORK", 1)
+    t, s = pair(((7, 9), (7, 4)), seed=8)
+    reference = torchdistill_loss(name, params) or paper_loss(name, params)
+    assert_matches(evaluate(name, t, s, params, xp), autograd(reference, t, s))
+
+
+def test_a_gram_matrix_in_blocks_is_exactly_symmetric(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relational, "MIN_SLICE", 3)
+    monkeypatch.setattr(relational, "PRODUCT_WORK", 1)
+    x = np.random.default_rng(9).normal(size=(10, 33))
+    g = relational._gram(np, x)
+    np.testing.assert_array_equal(g, g.T)
+    np.testing.assert_allclose(g, x @ x.T, rtol=1e-13, atol=1e-13 * float(np.abs(g).max()))
+    a = np.random.default_rng(10).normal(size=(10, 10))
+    np.testing.assert_allclose(
+        relational._product(np, a, x), a @ x, rtol=1e-13, atol=1e-13 * float(np.abs(a @ x).max())
+    )
 
 
 def central_differences(name: str, t: np.ndarray, s: np.ndarray, params: Params) -> np.ndarray:

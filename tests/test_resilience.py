@@ -364,20 +364,31 @@ def test_an_idle_stream_is_ended(start_server: type[ServerProcess]) -> None:
 # ------------------------------------------------------------------ abandoned work
 
 
-@pytest.mark.parametrize("transport", ["grpc", "shm"])
-def test_cancelled_calls_stop_computing(start_server: type[ServerProcess], transport: str) -> None:
+@pytest.mark.parametrize(
+    ("transport", "loss", "shapes"),
+    [
+        ("grpc", DistilLoss.kl_divergence(2.0, reduction=Reduction.PER_ROW), [(4, 4 * MIB)] * 2),  # 64 MiB a tensor
+        ("shm", DistilLoss.kl_divergence(2.0, reduction=Reduction.PER_ROW), [(4, 4 * MIB)] * 2),
+        ("grpc", DistilLoss.similarity_preserving(), [(2048, 4096), (2048, 2048)]),  # Gram matrices in blocks
+    ],
+    ids=["grpc", "shm", "grpc-gram"],
+)
+def test_cancelled_calls_stop_computing(
+    start_server: type[ServerProcess], transport: str, loss: DistilLoss, shapes: list[tuple[int, int]]
+) -> None:
     proc = start_server(["--device", "cpu", "--workers", "2"])
-    x = np.random.default_rng(2).standard_normal((4, 4 * MIB)).astype(np.float32)  # 64 MiB a tensor
-    loss = [(1.0, DistilLoss.kl_divergence(2.0, reduction=Reduction.PER_ROW))]
+    rng = np.random.default_rng(2)
+    t, s = (rng.standard_normal(shape).astype(np.float32) for shape in shapes)
+    layers = [(1.0, loss)]
     with DistillClient(proc.target, timeout=120, transport=transport) as client:
-        client.compute_total_loss(loss, [x], [x[::-1]], gradients=True)  # regions and pools in place
+        client.compute_total_loss(layers, [t], [s], gradients=True)  # regions and pools in place
         start, began = cpu_seconds(proc), time.perf_counter()
-        client.compute_total_loss(loss, [x], [x[::-1]], gradients=True)
+        client.compute_total_loss(layers, [t], [s], gradients=True)
         full, wall = cpu_seconds(proc) - start, time.perf_counter() - began
         start = cpu_seconds(proc)
         for _ in range(6):  # each cancelled by its deadline a quarter of the way through
             with pytest.raises(DeadlineExceeded):
-                client.compute_total_loss(loss, [x], [x[::-1]], gradients=True, timeout=wall / 4)
+                client.compute_total_loss(layers, [t], [s], gradients=True, timeout=wall / 4)
         time.sleep(1.0)
         abandoned = cpu_seconds(proc) - start
     assert abandoned < 6 * full / 2, (abandoned, full)

@@ -12,7 +12,10 @@ logit-standardized KD (``[B, C]``; DIST's intra-class term relates the
 samples of a batch). Every loss is written once
 for NumPy and CuPy (``xp``), computes in float64 (inputs of any float dtype
 are converted once) and returns ``d loss / d student`` in closed form: no
-autograd, no Python loop over elements.
+autograd, no Python loop over elements. Their matrix products (Gram
+matrices, the gradients' products) are taken in blocks of rows, each after
+the interruption check, so a server stops abandoned work within a few tenths
+of a second even at the size limits (``bench/bench_limits.py``).
 
 A loss is a :class:`Relational`: ``check`` says, before any computation,
 whether the shapes and parameters can be compared (``None``) or what is
@@ -195,8 +198,44 @@ def _rows(xp: Any, x: Any) -> Any:
     return xp.asarray(x, dtype=xp.float64).reshape(int(x.shape[0]), -1)
 
 
-def _gram(x: Any) -> Any:
-    return x @ x.T
+PRODUCT_WORK = 1 << 30
+"""Multiply-adds of one block of a matrix product, unless :data:`MIN_SLICE`
+makes it more: a server stops abandoned work between blocks (a Gram matrix
+of 2048 samples of 8192 floats takes about a second on one core)."""
+
+MIN_SLICE = 256
+"""The fewest rows a block of a product takes. Each block reads the whole
+other operand again (measured on one core, 2048 x 8192 float64: blocks of 64
+rows took 1.37x one product, of 256 rows 1.04-1.06x)."""
+
+
+def _slice(work: int) -> int:
+    """Rows of a block, where each row takes ``work`` multiply-adds."""
+    return max(MIN_SLICE, PRODUCT_WORK // max(1, work))
+
+
+def _gram(xp: Any, x: Any) -> Any:
+    """``x x^T`` in blocks of rows (the installed check before each). Each
+    block's part below the diagonal is computed and mirrored, so the result
+    is exactly symmetric and costs what one symmetric product does."""
+    b, d = int(x.shape[0]), int(x.shape[1])
+    g = xp.empty((b, b), dtype=x.dtype)
+    for block in blocks(b, _slice(b * d)):
+        rows, below = x[block], slice(0, block.start)
+        g[block, block] = rows @ rows.T
+        if block.start:
+            g[block, below] = rows @ x[below].T
+            g[below, block] = g[block, below].T
+    return g
+
+
+def _product(xp: Any, a: Any, b: Any) -> Any:
+    """``a @ b`` in blocks of ``a``'s rows (the installed check before each)."""
+    (m, k), n = a.shape, int(b.shape[1])
+    out = xp.empty((int(m), n), dtype=xp.result_type(a, b))
+    for rows in blocks(int(m), _slice(int(k) * n)):
+        xp.matmul(a[rows], b, out=out[rows])
+    return out
 
 
 # ---------------------------------------------------------------- similarity-preserving
@@ -208,7 +247,7 @@ _SP_RULES = OPTIONS[LossKind.SIMILARITY_PRESERVING]
 def _normalized_gram(xp: Any, x: Any, order: int) -> tuple[Any, Any, Any, Any]:
     """``(N, G, raw, norm)``: ``G = x x^T``, its rows' L1/L2 norms ``raw``,
     ``norm = max(raw, 1e-12)`` and ``N = G / norm`` (``F.normalize``)."""
-    g = _gram(x)
+    g = _gram(xp, x)
     raw = xp.abs(g).sum(axis=1) if order == 1 else xp.sqrt((g * g).sum(axis=1))
     norm = xp.maximum(raw, _NORMALIZE_EPS)
     return g / norm[:, None], g, raw, norm
@@ -248,7 +287,7 @@ def _sp_evaluate(xp: Any, teacher: Any, student: Any, params: Mapping[str, Any],
         return value, None
     diff *= 2.0 / (b * b)  # d loss / d N_s
     dg = _normalize_backward(xp, diff, ns, g, raw, norm, order)
-    return value, ((dg + dg.T) @ s).reshape(student.shape)
+    return value, _product(xp, dg + dg.T, s).reshape(student.shape)
 
 
 # ---------------------------------------------------------------- linear CKA
@@ -288,14 +327,15 @@ def _cka_evaluate(xp: Any, teacher: Any, student: Any, params: Mapping[str, Any]
     """
     x, _ = _centred_unit(xp, _rows(xp, teacher), "teacher")
     y, scale = _centred_unit(xp, _rows(xp, student), "student")
-    gt, gs = _gram(x), _gram(y)
+    gt, gs = _gram(xp, x), _gram(xp, y)
     nt, ns = math.sqrt(float((gt * gt).sum())), math.sqrt(float((gs * gs).sum()))
     cka = float((gt * gs).sum()) / (nt * ns)
     if not gradient:
         return 1.0 - cka, None
     # d CKA / d G_s = (G_t / |G_t| - CKA G_s / |G_s|) / |G_s|; G_s = Y Y^T, Y = H S / scale.
     m = (gt / nt - (cka / ns) * gs) / ns
-    dy = (-2.0 / scale) * (m @ y)
+    dy = _product(xp, m, y)
+    dy *= -2.0 / scale
     dy -= dy.mean(axis=0)  # H (already 0 up to rounding: M 1 = 0)
     return 1.0 - cka, dy.reshape(student.shape)
 
@@ -310,7 +350,7 @@ def _pkt_kernel(xp: Any, x: Any, eps: float, paper: bool) -> tuple[Any, Any, Any
     with ``u = x / (|x| + eps)``, the paper's zero diagonal, rows normalized."""
     n = xp.sqrt((x * x).sum(axis=1))
     u = x / (n + eps)[:, None]
-    k = (_gram(u) + 1.0) / 2.0
+    k = (_gram(xp, u) + 1.0) / 2.0
     if paper:
         xp.fill_diagonal(k, 0.0)
     r = k.sum(axis=1)
@@ -349,7 +389,7 @@ def _pkt_evaluate(xp: Any, teacher: Any, student: Any, params: Mapping[str, Any]
     dk = (dq - (dq * q).sum(axis=1)[:, None]) / r[:, None]
     if paper:
         xp.fill_diagonal(dk, 0.0)
-    du = ((dk + dk.T) / 2.0) @ u
+    du = _product(xp, (dk + dk.T) / 2.0, u)
     # u = s / (|s| + eps): du/ds = I / (|s| + eps) - s s^T / ((|s| + eps)^2 |s|) (0 at s = 0).
     radial = (du * s).sum(axis=1) / ((n + eps) ** 2 * xp.where(n > 0, n, 1.0))
     ds = du / (n + eps)[:, None] - radial[:, None] * s
@@ -484,9 +524,9 @@ def _cc_evaluate(xp: Any, teacher: Any, student: Any, params: Mapping[str, Any],
     paper = options["mode"] == "paper"
     t, s = _rows(xp, teacher), _rows(xp, student)
     b = t.shape[0]
-    ct = _cc_matrix(xp, _gram(_unit(xp, t)[0] if paper else t), options)[0]
+    ct = _cc_matrix(xp, _gram(xp, _unit(xp, t)[0] if paper else t), options)[0]
     u, raw, norm = _unit(xp, s) if paper else (s, None, None)
-    cs, slope = _cc_matrix(xp, _gram(u), options)
+    cs, slope = _cc_matrix(xp, _gram(xp, u), options)
     diff = cs - ct
     squares = float((diff * diff).sum())
     value = squares / (b * b) if paper else math.sqrt(squares) / (b * b)
@@ -498,7 +538,7 @@ def _cc_evaluate(xp: Any, teacher: Any, student: Any, params: Mapping[str, Any],
         diff *= 1.0 / (b * b * math.sqrt(squares)) if squares > 0 else 0.0
     if slope is not None:
         diff *= slope  # d loss / d G
-    du = (diff + diff.T) @ u
+    du = _product(xp, diff + diff.T, u)
     ds = _normalize_backward(xp, du, u, None, raw, norm, 2) if paper else du
     return value, ds.reshape(student.shape)
 
@@ -617,7 +657,7 @@ class _Geometry:
         self.xp = xp
         self.x = x - x[:1]
         self.x -= self.x.mean(axis=0)
-        self.g = _gram(self.x)
+        self.g = _gram(xp, self.x)
         self.diagonal = xp.diagonal(self.g).copy()
         self.sq = self.diagonal[:, None] + self.diagonal[None, :] - 2.0 * self.g
 
@@ -713,7 +753,7 @@ def _rkd_evaluate(xp: Any, teacher: Any, student: Any, params: Mapping[str, Any]
     # sq_ij = G_ii + G_jj - 2 G_ij
     dg -= 2.0 * dsq
     dg += xp.diag(dsq.sum(axis=1) + dsq.sum(axis=0))
-    dx = (dg + dg.T) @ s.x
+    dx = _product(xp, dg + dg.T, s.x)
     dx -= dx.mean(axis=0)
     return value, dx.reshape(student.shape)
 
