@@ -130,34 +130,131 @@ def test_cores_beyond_the_items_are_given_back() -> None:
     assert seen == [2, 2] and cores.busy == 0
 
 
-@pytest.mark.parametrize(
-    ("files", "expected"),
-    [
-        ({"cpu.max": "200000 100000\n"}, 2),
-        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: two threads, each busy part of the time
-        ({"cpu.max": "50000 100000\n"}, 1),
-        ({"cpu.max": "max 100000\n"}, None),
-        ({"cpu.cfs_quota_us": "300000\n", "cpu.cfs_period_us": "100000\n"}, 3),
-        ({"cpu.cfs_quota_us": "-1\n", "cpu.cfs_period_us": "100000\n"}, None),
-        ({}, None),
-    ],
-    ids=["v2-2", "v2-1.5", "v2-0.5", "v2-none", "v1-3", "v1-none", "no-cgroup"],
-)
-def test_available_cpus_follow_the_container_quota(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: dict[str, str], expected: int | None
-) -> None:
+def _host(tmp_path: Path, cgroup: str, mounts: list[tuple[str, str, str, str]], files: dict[str, str]) -> None:
+    """A ``/proc/self`` (``cgroup``, and ``mountinfo`` of ``(root, mount point, type, options)``
+    with mount points under ``tmp_path``) and the cgroup files ``files`` (paths under ``tmp_path``)."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "cgroup").write_text(cgroup)
+    lines = [
+        f"{30 + i} 23 0:{28 + i} {root} {tmp_path}{point} rw,nosuid - {kind} {kind} {options}"
+        for i, (root, point, kind, options) in enumerate(mounts)
+    ]
+    (proc / "mountinfo").write_text("\n".join(["22 1 8:1 / / rw - ext4 /dev/sda1 rw", *lines]) + "\n")
     for name, text in files.items():
-        (tmp_path / name).write_text(text)
-    monkeypatch.setattr(
-        parallel,
-        "_CGROUP_QUOTAS",
+        (tmp_path / name.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name.lstrip("/")).write_text(text)
+
+
+V2 = [("/", "/sys/fs/cgroup", "cgroup2", "rw")]
+V1 = [
+    ("/", "/sys/fs/cgroup/cpu,cpuacct", "cgroup", "rw,cpu,cpuacct"),
+    ("/", "/sys/fs/cgroup/cpuset", "cgroup", "rw,cpuset"),
+]
+V1_CPU = "/sys/fs/cgroup/cpu,cpuacct"
+POD = "/kubepods/burstable/pod1"
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "mounts", "files", "expected"),
+    [
+        ("0::/\n", V2, {"/sys/fs/cgroup/cpu.max": "200000 100000\n"}, 2),  # a cgroup namespace: its own root
+        ("0::/\n", V2, {"/sys/fs/cgroup/cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: two threads, part-time
+        ("0::/\n", V2, {"/sys/fs/cgroup/cpu.max": "50000 100000\n"}, 1),
+        ("0::/\n", V2, {"/sys/fs/cgroup/cpu.max": "max 100000\n"}, None),
+        # No cgroup namespace: the pod's limit, above the container's cgroup, which has none.
         (
-            (str(tmp_path / "cpu.max"), None),
-            (str(tmp_path / "cpu.cfs_quota_us"), str(tmp_path / "cpu.cfs_period_us")),
+            f"0::{POD}/ctr\n",
+            V2,
+            {f"/sys/fs/cgroup{POD}/cpu.max": "300000 100000\n", f"/sys/fs/cgroup{POD}/ctr/cpu.max": "max 100000\n"},
+            3,
         ),
-    )
+        # Limits at two levels: the smaller applies, wherever it is.
+        (
+            f"0::{POD}/ctr\n",
+            V2,
+            {f"/sys/fs/cgroup{POD}/cpu.max": "400000 100000\n", f"/sys/fs/cgroup{POD}/ctr/cpu.max": "100000 100000\n"},
+            1,
+        ),
+        (
+            f"0::{POD}/ctr\n",
+            V2,
+            {f"/sys/fs/cgroup{POD}/cpu.max": "100000 100000\n", f"/sys/fs/cgroup{POD}/ctr/cpu.max": "400000 100000\n"},
+            1,
+        ),
+        # A cgroup outside the mount (not visible from it): the mount's own limit.
+        (
+            "0::/elsewhere\n",
+            [(POD, "/sys/fs/cgroup", "cgroup2", "rw")],
+            {"/sys/fs/cgroup/cpu.max": "300000 100000\n"},
+            3,
+        ),
+        # cgroup v1, the cpu controller mounted with cpuacct: a container's view (its cgroup is the mount's root).
+        (
+            "5:cpuset:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/docker/abc\n",
+            [("/docker/abc", V1_CPU, "cgroup", "rw,cpu,cpuacct")],
+            {f"{V1_CPU}/cpu.cfs_quota_us": "300000\n", f"{V1_CPU}/cpu.cfs_period_us": "100000\n"},
+            3,
+        ),
+        # cgroup v1 seen from the host's hierarchy: the container's directory, and a limit above it.
+        (
+            "4:cpu,cpuacct:/docker/abc\n",
+            V1,
+            {
+                f"{V1_CPU}/docker/abc/cpu.cfs_quota_us": "-1\n",
+                f"{V1_CPU}/docker/abc/cpu.cfs_period_us": "100000\n",
+                f"{V1_CPU}/docker/cpu.cfs_quota_us": "250000\n",
+                f"{V1_CPU}/docker/cpu.cfs_period_us": "100000\n",
+            },
+            3,
+        ),
+        (
+            "4:cpu,cpuacct:/\n",
+            V1,
+            {f"{V1_CPU}/cpu.cfs_quota_us": "-1\n", f"{V1_CPU}/cpu.cfs_period_us": "100000\n"},
+            None,
+        ),
+        ("0::/\n", V2, {}, None),  # no limit files
+        ("", [], {}, None),  # no cgroups at all
+    ],
+    ids=[
+        "v2-2",
+        "v2-1.5",
+        "v2-0.5",
+        "v2-none",
+        "v2-pod-limit-above",
+        "v2-container-smaller",
+        "v2-pod-smaller",
+        "v2-outside-mount",
+        "v1-namespace",
+        "v1-host-view-parent-limit",
+        "v1-none",
+        "v2-no-files",
+        "no-cgroup",
+    ],
+)
+def test_available_cpus_follow_the_smallest_quota_above_the_process(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cgroup: str,
+    mounts: list[tuple[str, str, str, str]],
+    files: dict[str, str],
+    expected: int | None,
+) -> None:
+    _host(tmp_path, cgroup, mounts, files)
+    monkeypatch.setattr(parallel, "_PROC", tmp_path / "proc")
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert parallel.available() == (8 if expected is None else expected)
+
+
+def test_a_mount_point_with_a_space_is_read() -> None:
+    assert parallel._unescape("/sys/fs/cgroup/my\\040cgroup") == "/sys/fs/cgroup/my cgroup"
+
+
+def test_available_cpus_without_proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parallel, "_PROC", tmp_path / "absent")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert parallel.available() == 3
 
 
 # ---------------------------------------------------------------- the engine

@@ -15,6 +15,7 @@ import contextvars
 import functools
 import math
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -26,16 +27,14 @@ _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
 
 
-_CGROUP_QUOTAS = (
-    ("/sys/fs/cgroup/cpu.max", None),  # cgroup v2: "QUOTA PERIOD", or "max PERIOD"
-    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),  # cgroup v1; -1: none
-)
+_PROC = Path("/proc/self")
+"""Where the process's cgroups (``cgroup``) and mounts (``mountinfo``) are listed."""
 
 
 def available() -> int:
     """The CPUs this process may use: those it may run on (its affinity), or
-    fewer where its container's CPU quota allows fewer (a limit of 4 CPUs on
-    a 64-core node: 4)."""
+    fewer where a CPU quota allows fewer (a limit of 4 CPUs on a 64-core
+    node: 4), its own cgroup's or any above it."""
     try:
         count = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -45,22 +44,78 @@ def available() -> int:
 
 
 def _cgroup_quota() -> float | None:
-    """The container's CPU quota in CPUs (cgroup v2 or v1), None if it has none."""
-    for quota_file, period_file in _CGROUP_QUOTAS:
-        try:
-            fields = Path(quota_file).read_text().split()
-            if period_file is not None:
-                fields.append(Path(period_file).read_text().strip())
-        except (OSError, ValueError):
+    """The smallest CPU quota, in CPUs, of this process's cgroup and the
+    cgroups above it that it can see (a Kubernetes pod's limit sits above its
+    containers'; without a cgroup namespace, the container's own is below the
+    hierarchy's root), in cgroup v2 or v1; None if none has one."""
+    quotas = [quota for directory, top in _cpu_cgroups(_PROC) for quota in _quotas(directory, top)]
+    return min(quotas, default=None)
+
+
+def _unescape(field: str) -> str:
+    r"""A mountinfo path: spaces, tabs, newlines and backslashes are written ``\ooo``."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
+
+
+def _cpu_cgroups(proc: Path) -> list[tuple[Path, Path]]:
+    """``(the process's cgroup directory, its hierarchy's mount point)`` for
+    the cgroup v2 hierarchy and the v1 hierarchy of the ``cpu`` controller
+    that are mounted, from ``/proc/self/cgroup`` and ``/proc/self/mountinfo``."""
+    try:
+        membership = (proc / "cgroup").read_text().splitlines()
+        mounts = (proc / "mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    paths: dict[bool, str] = {}  # v2 or not: the process's cgroup in that hierarchy
+    for line in membership:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and not controllers:
+            paths[True] = path
+        elif "cpu" in controllers.split(","):
+            paths[False] = path
+    found = []
+    for line in mounts:
+        mount, _, source = line.partition(" - ")
+        fields, kind = mount.split(), source.split()
+        if len(fields) < 5 or len(kind) < 3:
             continue
-        if len(fields) != 2 or fields[0] in ("max", "-1"):
-            return None
+        v2 = kind[0] == "cgroup2"
+        member = paths.get(v2)
+        if member is None or not (v2 or (kind[0] == "cgroup" and "cpu" in kind[2].split(","))):
+            continue
+        root, top = _unescape(fields[3]), Path(_unescape(fields[4]))
+        inside = os.path.relpath(member, root)  # the mount shows the hierarchy from root down
+        found.append((top if inside.startswith("..") else top / inside, top))
+    return found
+
+
+def _quotas(directory: Path, top: Path) -> Iterator[float]:
+    """The CPU quotas, in CPUs, set on ``directory`` and its parents up to ``top``."""
+    while True:
+        quota = _quota(directory)
+        if quota is not None:
+            yield quota
+        if directory == top or top not in directory.parents:
+            return
+        directory = directory.parent
+
+
+def _quota(directory: Path) -> float | None:
+    """The quota set on one cgroup: ``cpu.max`` (v2: "QUOTA PERIOD", or "max
+    PERIOD"), or ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us`` (v1; -1: none)."""
+    try:
+        fields = (directory / "cpu.max").read_text().split()
+    except OSError:
         try:
-            quota, period = float(fields[0]), float(fields[1])
-        except ValueError:
+            fields = [(directory / name).read_text().strip() for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us")]
+        except OSError:
             return None
-        return quota / period if quota > 0 and period > 0 else None
-    return None
+    try:
+        quota, period = float(fields[0]), float(fields[1])
+    except (ValueError, IndexError):  # "max"
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 class Cores:
