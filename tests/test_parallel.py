@@ -394,23 +394,34 @@ def test_the_server_sizes_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
         assert parallel.cores.count == parallel.available()
 
 
-def test_the_value_of_a_per_row_cosine_is_not_split(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Its pass is mostly per-row dot products, which hold the GIL: a second thread would wait for the
-    # first. With a gradient (elementwise passes, which release it) the rows split as for other losses.
+def test_the_value_of_a_per_row_cosine_splits_over_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its pass is mostly per-row dot products: on threads sharing a layer they release the GIL.
     monkeypatch.setattr(backend, "CPU_BLOCK", 64)
-    monkeypatch.setattr(parallel, "cores", parallel.Cores(3))
     rng = np.random.default_rng(47)
     t, s = rng.normal(size=(7, 300)), rng.normal(size=(7, 300))
     loss = DistilLoss.cosine(reduction=ROW)
-    meeting = _Meeting(timeout=0.0)
-    with interruption.interruptible(meeting):
-        value = engine.loss_value(loss, t, s)
-    assert meeting.threads == {threading.get_ident()}
+    (value, _), one = _on_cores(monkeypatch, 1, loss, t, s)
     (split, _), threads = _on_cores(monkeypatch, 3, loss, t, s)
-    assert threads >= 2
+    assert (one, threads) == (1, 3)
     assert split == pytest.approx(value, rel=1e-12)
     c = (t * s).sum(axis=1) / np.sqrt((t * t).sum(axis=1) * (s * s).sum(axis=1))
     assert value == pytest.approx(float(np.mean(1 - c)), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1), (1, 300), (1, 32768), (8, 32768), (7, 1000), (3, 4099), (64, 512), (501, 3), (600, 16), (2, 100)],
+)
+def test_per_row_dots_on_shared_threads_are_the_dots(shape: tuple[int, int]) -> None:
+    # Rows cut into pieces (so the GIL is released), a rest after the pieces, or too small to cut.
+    rng = np.random.default_rng(59)
+    x, y = rng.normal(size=shape), rng.normal(size=shape)
+    exact = [math.fsum(a * b for a, b in zip(u, v, strict=True)) for u, v in zip(x.tolist(), y.tolist(), strict=True)]
+    scale = np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1))  # a dot's rounding is relative to this
+    for shared in (False, True):
+        got = engine._row_dot(x, y, shared)
+        assert got.shape == (shape[0],)
+        np.testing.assert_array_less(np.abs(got - exact), 1e-14 * scale + 1e-300)
 
 
 def test_a_layer_of_few_rows_holds_a_core_a_row(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -178,21 +178,31 @@ def _store(out: np.ndarray, g: np.ndarray) -> None:
     np.copyto(out.view(np.uint16), bits, where=small)
 
 
-_DOTTED_ROWS = 16
-"""On a pass that shares its layer with other threads, blocks of up to this
-many rows take a BLAS ``dot`` a row, which releases the GIL; ``vecdot``
-holds it (NumPy releases it in a gufunc only past 500 loops)."""
+_GIL_LOOPS = 500
+"""NumPy releases the GIL in a gufunc such as ``vecdot`` only past this many loops."""
 
 
 def _row_dot(x: Any, y: Any, shared: bool = False) -> Any:
     """Per-row dot products of two ``(r, m)`` float64 blocks (one pass, no
-    temporary; 2-4x a multiply and a sum): one ``vecdot``, the fastest on
-    one thread, or a ``dot`` a row where the GIL matters (see
-    :data:`_DOTTED_ROWS`; a single row is always a ``dot``)."""
-    rows = x.shape[0]
-    if rows == 1 or (shared and rows <= _DOTTED_ROWS):
-        return np.array([np.dot(a, b) for a, b in zip(x, y, strict=True)])
-    return np.vecdot(x, y)
+    temporary; 2-4x a multiply and a sum): a BLAS ``dot`` for a single row,
+    else one ``vecdot``. On a pass that shares its layer with other threads,
+    each row is cut into pieces so that the ``vecdot`` loops more than
+    :data:`_GIL_LOOPS` times and releases the GIL (a ``dot`` a row releases
+    it too, but hands it over so often that two threads ran slower than one)."""
+    rows, width = x.shape
+    if rows == 1:
+        return np.dot(x[0], y[0])[None]
+    if not shared or rows > _GIL_LOOPS:
+        return np.vecdot(x, y)
+    pieces = 1 << (-(-(_GIL_LOOPS + 1) // rows) - 1).bit_length()  # a power of two: no rest in a power-of-two width
+    size = width // pieces
+    if size == 0:  # a block too small to be worth sharing
+        return np.vecdot(x, y)
+    body = pieces * size
+    dots = np.vecdot(x[:, :body].reshape(rows, pieces, size), y[:, :body].reshape(rows, pieces, size)).sum(axis=1)
+    if body < width:
+        dots += np.vecdot(x[:, body:], y[:, body:])
+    return dots
 
 
 class _Sums:
@@ -681,11 +691,9 @@ def _evaluate(loss: DistilLoss, teacher: Any, student: Any, scale: float | None,
         with scratch.lend() as buffers:
             return accumulate(_Pass(terms, t[part], s[part], gradient, buffers, block, shared), part)
 
-    # Parts of SPLIT_BLOCKS blocks: whole groups of rows, or one row's columns. Not the value alone of a
-    # per-row cosine: its pass spends most of its time in per-row dot products, which hold the GIL.
-    dotted = per_row and terms.cosine > 0 and not gradient
+    # Parts of SPLIT_BLOCKS blocks: whole groups of rows, or one row's columns.
     block = _block(terms, gradient, t)
-    parts = n // (SPLIT_BLOCKS * block) if xp is np and not dotted else 1
+    parts = n // (SPLIT_BLOCKS * block) if xp is np else 1
     with parallel.cores.claim(parts) as share, np.errstate(all="ignore"):
         if xp is not np:
             partials = [accumulate(_CudaPass(xp, terms, t, s, gradient))]
