@@ -9,7 +9,8 @@ DistillService computes the MSE of the same request. Measured in this run:
   reads, no BDP probing);
 - 2 x 1 KiB: the median call from one thread, and calls per second from 8
   client threads, against the floor and against bench/bare_server.py (which
-  also parses the protobuf and computes).
+  also parses the protobuf and computes); and the same computation as one
+  step of an open ``StreamLosses`` stream (each thread its own stream).
 
     python bench/bench_transport.py [--repeats N]
 """
@@ -17,11 +18,12 @@ DistillService computes the MSE of the same request. Measured in this run:
 from __future__ import annotations
 
 import argparse
+import queue
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -67,13 +69,33 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
     return median_seconds(fn, repeats) * 1e3
 
 
-def calls_per_second(call: Callable[[bytes], bytes], payload: bytes, threads: int = 8, seconds: float = 3.0) -> float:
+def stepper(target: str) -> Callable[[], bytes]:
+    """One 2 x 1 KiB MSE step on a ``StreamLosses`` stream opened (and configured) here."""
+    config = pb.StreamLossesRequest()
+    config.config.layers.add(weight=1.0, loss=DistilLoss.mse().to_proto())
+    t = np.random.default_rng(0).normal(size=256).astype(np.float32)
+    step = bytes(wire.build(pb.StreamLossesRequest(step_id=1), teachers=[t], students=[t + 1]))
+    requests: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    requests.put(config.SerializeToString())
+    method = grpc.insecure_channel(target).stream_stream("/distill.v1.DistillService/StreamLosses")
+    answers: Iterator[bytes] = method(iter(requests.get, b""))
+
+    def call() -> bytes:
+        requests.put(step)
+        return next(answers)
+
+    return call
+
+
+def calls_per_second(make: Callable[[], Callable[[], object]], threads: int = 8, seconds: float = 3.0) -> float:
+    """Calls a second from ``threads`` threads, each calling its own ``make()``."""
+    calls = [make() for _ in range(threads)]
     done = [0] * threads
     end = time.perf_counter() + seconds
 
     def work(index: int) -> None:
         while time.perf_counter() < end:
-            call(payload)
+            calls[index]()
             done[index] += 1
 
     pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
@@ -126,7 +148,12 @@ def main() -> None:
         for name, address in small_targets.items():
             call = caller(address, [])
             p50 = median_ms(lambda call=call: call(small), 200 * args.repeats)
-            print(f"| {name} | {p50:.3f} ms | {calls_per_second(call, small):.0f} |")
+            rate = calls_per_second(lambda call=call: lambda: call(small))
+            print(f"| {name} | {p50:.3f} ms | {rate:.0f} |")
+        step = stepper(target)
+        p50 = median_ms(step, 200 * args.repeats)
+        rate = calls_per_second(lambda: stepper(target))
+        print(f"| DistillService, one StreamLosses step | {p50:.3f} ms | {rate:.0f} |")
     finally:
         for proc in started:
             proc.kill()
