@@ -84,6 +84,9 @@ def stepper(target: str) -> Callable[[], bytes]:
         requests.put(step)
         return next(answers)
 
+    answer = pb.StreamLossesResponse.FromString(call())
+    if answer.HasField("error") or answer.total_loss <= 0:  # timed below: it must be the computation
+        raise RuntimeError(f"the stream's step failed: {answer}")
     return call
 
 

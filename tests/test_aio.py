@@ -140,3 +140,12 @@ def test_a_step_without_an_answer_ends_the_stream(start_server: type[ServerProce
             assert (await aio.compute_total_loss(LAYERS, teachers, students)).total > 0  # the server goes on
 
     asyncio.run(main())
+
+
+def test_a_step_bound_must_be_positive(server: InProcessServer) -> None:
+    async def main() -> None:
+        async with AsyncDistillClient(server.target) as aio:
+            with pytest.raises(ValueError, match="must be positive"):
+                aio.stream(LAYERS, step_timeout=0.0)
+
+    asyncio.run(main())

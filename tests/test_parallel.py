@@ -182,13 +182,22 @@ POD = "/kubepods/burstable/pod1"
             {f"/sys/fs/cgroup{POD}/cpu.max": "100000 100000\n", f"/sys/fs/cgroup{POD}/ctr/cpu.max": "400000 100000\n"},
             1,
         ),
-        # A cgroup outside the mount (not visible from it): the mount's own limit.
+        # No mount shows the process's cgroup (a namespace hides its path): the mount stands for it.
         (
             "0::/elsewhere\n",
             [(POD, "/sys/fs/cgroup", "cgroup2", "rw")],
             {"/sys/fs/cgroup/cpu.max": "300000 100000\n"},
             3,
         ),
+        # Another container's cgroup, bind-mounted: its limit is not this process's.
+        (
+            "0::/user.slice\n",
+            [*V2, ("/kubepods/pod9/ctr", "/mnt/other", "cgroup2", "rw")],
+            {"/mnt/other/cpu.max": "50000 100000\n"},
+            None,
+        ),
+        # A cgroup2 mount line a field short (an empty source or options): cgroup2 needs only its type.
+        ("0::/\n", [("/", "/sys/fs/cgroup", "cgroup2", "")], {"/sys/fs/cgroup/cpu.max": "200000 100000\n"}, 2),
         # cgroup v1, the cpu controller mounted with cpuacct: a container's view (its cgroup is the mount's root).
         (
             "5:cpuset:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/docker/abc\n",
@@ -225,7 +234,9 @@ POD = "/kubepods/burstable/pod1"
         "v2-pod-limit-above",
         "v2-container-smaller",
         "v2-pod-smaller",
-        "v2-outside-mount",
+        "v2-hidden-path",
+        "v2-other-cgroup-mounted",
+        "v2-no-source",
         "v1-namespace",
         "v1-host-view-parent-limit",
         "v1-none",
@@ -245,6 +256,15 @@ def test_available_cpus_follow_the_smallest_quota_above_the_process(
     monkeypatch.setattr(parallel, "_PROC", tmp_path / "proc")
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert parallel.available() == (8 if expected is None else expected)
+
+
+def test_mount_points_that_are_not_utf8_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _host(tmp_path, "0::/\n", V2, {"/sys/fs/cgroup/cpu.max": "300000 100000\n"})
+    with (tmp_path / "proc" / "mountinfo").open("ab") as mounts:
+        mounts.write(b"99 23 0:99 / /media/Donn\xe9es rw - vfat /dev/sdb1 rw\n")
+    monkeypatch.setattr(parallel, "_PROC", tmp_path / "proc")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert parallel.available() == 3
 
 
 def test_a_mount_point_with_a_space_is_read() -> None:
@@ -410,7 +430,7 @@ def test_the_value_of_a_per_row_cosine_splits_over_threads(monkeypatch: pytest.M
 
 @pytest.mark.parametrize(
     "shape",
-    [(1, 1), (1, 300), (1, 32768), (8, 32768), (7, 1000), (3, 4099), (64, 512), (501, 3), (600, 16), (2, 100)],
+    [(0, 5), (1, 1), (1, 300), (1, 32768), (8, 32768), (7, 1000), (3, 4099), (64, 512), (501, 3), (600, 16), (2, 100)],
 )
 def test_per_row_dots_on_shared_threads_are_the_dots(shape: tuple[int, int]) -> None:
     # Rows cut into pieces (so the GIL is released), a rest after the pieces, or too small to cut.

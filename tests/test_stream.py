@@ -6,6 +6,7 @@ import gc
 import math
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -207,8 +208,10 @@ def test_a_step_without_an_answer_ends_the_stream_at_its_step_timeout(
         assert session.step([t, t], [t, t]).total == 0.0
         proc.process.send_signal(signal.SIGSTOP)
         try:
+            began = time.monotonic()
             with pytest.raises(DeadlineExceeded, match=r"step 1 got no answer within 1 s \(step_timeout\)"):
                 session.step([t, t], [t, t])
+            assert 1.0 <= time.monotonic() - began < 4.0  # at its bound, not at the stream's
             assert session.closed
         finally:
             proc.process.send_signal(signal.SIGCONT)
@@ -235,13 +238,23 @@ def test_a_session_bounds_its_steps_with_one_thread(client: DistillClient) -> No
     assert not watchdog.is_alive()  # closing the session ends it
 
 
-def test_a_session_dropped_unclosed_ends_its_watchdog(client: DistillClient) -> None:
+def test_a_session_dropped_unclosed_ends_its_stream_and_watchdog(client: DistillClient) -> None:
     t = np.ones((2, 8), np.float32)
     before = set(_watchdogs())
     session = client.stream(LAYERS, step_timeout=30.0)
     assert session.step([t, t], [t, t]).total == 0.0
     (watchdog,) = set(_watchdogs()) - before
+    call = session._responses
     del session
     gc.collect()
     watchdog.join(timeout=5)
     assert not watchdog.is_alive()
+    assert call.cancelled()  # type: ignore[attr-defined]  # the server's side is freed too
+
+
+@pytest.mark.parametrize("bound", [0.0, -1.0, math.nan])
+def test_a_step_bound_must_be_positive(client: DistillClient, bound: float) -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        client.stream(LAYERS, step_timeout=bound)
+    with DistillClient(client.target, timeout=bound) as zero, pytest.raises(ValueError, match="client's timeout"):
+        zero.stream(LAYERS)

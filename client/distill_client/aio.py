@@ -11,7 +11,6 @@ CUDA IPC belong to the synchronous client.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,7 +32,7 @@ from distill_client.client import (
     total_loss_request,
 )
 from distill_client.shared_memory import Batch
-from distill_client.stream import StepResult
+from distill_client.stream import StepResult, step_bound
 from distill_core import rpc, tensors, wire
 from distill_core.errors import DeadlineExceeded, Unavailable, from_rich_status, from_rpc_error
 from distill_core.losses import LayerLoss
@@ -160,8 +159,7 @@ class AsyncDistillClient:
         """Open a ``StreamLosses`` stream (see :meth:`DistillClient.stream`;
         ``step_timeout`` likewise defaults to the client's ``timeout``)."""
         config = pb.StreamConfig(layers=layer_config(layers, names), return_gradients=gradients)
-        per_step = self.timeout if step_timeout is None else step_timeout
-        per_step = None if per_step is not None and math.isinf(per_step) else per_step
+        per_step = step_bound(self.timeout if step_timeout is None else step_timeout)
         call = self._stream_losses(timeout=timeout, metadata=self._metadata)
         return AsyncStreamSession(call, config, per_step)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from distill.v1 import distill_pb2 as pb
 from distill_client._closing import Closing
 from distill_client.cuda_ipc import CudaIpc, CudaIpcInfo
 from distill_client.shared_memory import Batch, SharedMemory, SharedMemoryInfo, Transport
-from distill_client.stream import StreamSession
+from distill_client.stream import StreamSession, step_bound
 from distill_core import rpc, tensors, wire
 from distill_core.errors import from_rpc_error
 from distill_core.losses import DistilLoss, LayerLoss, LossKind
@@ -452,10 +451,13 @@ class DistillClient(Closing):
         (None: the client's ``timeout``, as for any call; ``math.inf``: no
         bound): a step with no answer in time ends the stream with
         ``DeadlineExceeded``.
+
+        Raises:
+            ValueError: a step bound (``step_timeout``, else the client's
+                ``timeout``) of zero or less.
         """
         config = pb.StreamConfig(layers=layer_config(layers, names), return_gradients=gradients)
-        per_step = self.timeout if step_timeout is None else step_timeout
-        per_step = None if per_step is not None and math.isinf(per_step) else per_step
+        per_step = step_bound(self.timeout if step_timeout is None else step_timeout)
         return StreamSession(self._stream_losses, config, timeout, self._metadata, self._cuda_ipc, per_step)
 
     def shared_arrays(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -20,9 +21,25 @@ from distill_core import tensors, wire
 from distill_core.errors import DeadlineExceeded, Unavailable, from_rich_status, from_rpc_error
 from distill_core.losses import LayerLoss
 
-__all__ = ["StepResult", "StreamSession"]
+__all__ = ["StepResult", "StreamSession", "step_bound"]
 
 _END = object()
+
+
+def step_bound(step_timeout: float | None) -> float | None:
+    """The bound a stream puts on each step, in seconds: None for none
+    (``None`` or ``math.inf``).
+
+    Raises:
+        ValueError: zero, negative or NaN (every step would expire at once).
+    """
+    if step_timeout is None or step_timeout == math.inf:
+        return None
+    if not step_timeout > 0:
+        raise ValueError(
+            f"step_timeout (by default the client's timeout) must be positive, or math.inf for none; got {step_timeout}"
+        )
+    return float(step_timeout)
 
 
 class _Watchdog:
@@ -113,8 +130,8 @@ class StreamSession(Closing):
         self._step_timeout = step_timeout
         self._expired = threading.Event()  # set when a step outlived step_timeout and the stream was cancelled
         self._watchdog = None if step_timeout is None else _Watchdog(step_timeout, self._expire)
-        if self._watchdog is not None:
-            weakref.finalize(self, self._watchdog.stop)  # a session dropped unclosed
+        self._end = weakref.finalize(self, _end, self._requests, self._responses, self._watchdog)  # or when dropped
+        self._end.atexit = False
 
     def step(
         self,
@@ -194,11 +211,16 @@ class StreamSession(Closing):
 
     def close(self) -> None:
         """End the stream (idempotent)."""
-        if self._watchdog is not None:
-            self._watchdog.stop()
-        if not self._closed:
-            self._closed = True
-            self._requests.put(_END)
-            cancel = getattr(self._responses, "cancel", None)
-            if cancel is not None:
-                cancel()
+        self._closed = True
+        self._end()
+
+
+def _end(requests: queue.SimpleQueue[Any], responses: Any, watchdog: _Watchdog | None) -> None:
+    """End a session's stream: no more requests, the call cancelled (which
+    frees the server's side at once), the watchdog stopped."""
+    if watchdog is not None:
+        watchdog.stop()
+    requests.put(_END)
+    cancel = getattr(responses, "cancel", None)
+    if cancel is not None:
+        cancel()

@@ -192,7 +192,7 @@ def _row_dot(x: Any, y: Any, shared: bool = False) -> Any:
     rows, width = x.shape
     if rows == 1:
         return np.dot(x[0], y[0])[None]
-    if not shared or rows > _GIL_LOOPS:
+    if not shared or rows == 0 or rows > _GIL_LOOPS:
         return np.vecdot(x, y)
     pieces = 1 << (-(-(_GIL_LOOPS + 1) // rows) - 1).bit_length()  # a power of two: no rest in a power-of-two width
     size = width // pieces

@@ -60,10 +60,16 @@ def _unescape(field: str) -> str:
 def _cpu_cgroups(proc: Path) -> list[tuple[Path, Path]]:
     """``(the process's cgroup directory, its hierarchy's mount point)`` for
     the cgroup v2 hierarchy and the v1 hierarchy of the ``cpu`` controller
-    that are mounted, from ``/proc/self/cgroup`` and ``/proc/self/mountinfo``."""
-    try:
-        membership = (proc / "cgroup").read_text().splitlines()
-        mounts = (proc / "mountinfo").read_text().splitlines()
+    that are mounted, from ``/proc/self/cgroup`` and ``/proc/self/mountinfo``.
+
+    A mount that shows only another part of the hierarchy (another
+    container's cgroup, bind-mounted) says nothing about this process; where
+    no mount of a hierarchy contains the process's cgroup (a namespace that
+    hides its path), the mount itself stands for it.
+    """
+    try:  # any mount point's bytes may stand in mountinfo: read them as the OS's names
+        membership = (proc / "cgroup").read_text(errors="surrogateescape").splitlines()
+        mounts = (proc / "mountinfo").read_text(errors="surrogateescape").splitlines()
     except OSError:
         return []
     paths: dict[bool, str] = {}  # v2 or not: the process's cgroup in that hierarchy
@@ -74,20 +80,24 @@ def _cpu_cgroups(proc: Path) -> list[tuple[Path, Path]]:
             paths[True] = path
         elif "cpu" in controllers.split(","):
             paths[False] = path
-    found = []
+    inside: dict[bool, list[tuple[Path, Path]]] = {True: [], False: []}
+    outside: dict[bool, list[tuple[Path, Path]]] = {True: [], False: []}
     for line in mounts:
         mount, _, source = line.partition(" - ")
-        fields, kind = mount.split(), source.split()
-        if len(fields) < 5 or len(kind) < 3:
+        fields, kind = mount.split(), source.split()  # kind: type, source (may be empty), super options
+        if len(fields) < 5 or len(kind) < 2:
             continue
         v2 = kind[0] == "cgroup2"
         member = paths.get(v2)
-        if member is None or not (v2 or (kind[0] == "cgroup" and "cpu" in kind[2].split(","))):
+        if not member or not (v2 or (kind[0] == "cgroup" and "cpu" in kind[-1].split(","))):
             continue
         root, top = _unescape(fields[3]), Path(_unescape(fields[4]))
-        inside = os.path.relpath(member, root)  # the mount shows the hierarchy from root down
-        found.append((top if inside.startswith("..") else top / inside, top))
-    return found
+        below = os.path.relpath(member, root)  # the mount shows the hierarchy from root down
+        if below.startswith(".."):
+            outside[v2].append((top, top))
+        else:
+            inside[v2].append((top / below, top))
+    return [pair for v2 in (True, False) for pair in inside[v2] or outside[v2]]
 
 
 def _quotas(directory: Path, top: Path) -> Iterator[float]:
@@ -106,10 +116,10 @@ def _quota(directory: Path) -> float | None:
     PERIOD"), or ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us`` (v1; -1: none)."""
     try:
         fields = (directory / "cpu.max").read_text().split()
-    except OSError:
+    except (OSError, ValueError):
         try:
             fields = [(directory / name).read_text().strip() for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us")]
-        except OSError:
+        except (OSError, ValueError):
             return None
     try:
         quota, period = float(fields[0]), float(fields[1])

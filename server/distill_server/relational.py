@@ -216,13 +216,15 @@ def _slice(work: int) -> int:
 
 def _gram(xp: Any, x: Any) -> Any:
     """``x x^T`` in blocks of rows (the installed check before each). Each
-    block's part below the diagonal is computed and mirrored, so the result
-    is exactly symmetric and costs what one symmetric product does."""
+    block's part below the diagonal is computed and mirrored (its diagonal
+    block's too: a GPU's product need not be symmetric), so the result is
+    exactly symmetric and costs what one symmetric product does."""
     b, d = int(x.shape[0]), int(x.shape[1])
     g = xp.empty((b, b), dtype=x.dtype)
     for block in blocks(b, _slice(b * d)):
         rows, below = x[block], slice(0, block.start)
-        g[block, block] = rows @ rows.T
+        square = rows @ rows.T
+        g[block, block] = xp.tril(square) + xp.tril(square, -1).T
         if block.start:
             g[block, below] = rows @ x[below].T
             g[below, block] = g[block, below].T
