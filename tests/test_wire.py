@@ -42,6 +42,21 @@ def test_built_requests_parse_with_protobuf() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "elements",
+    [0, 3, wire.SMALL_TENSOR_BYTES // 4, wire.SMALL_TENSOR_BYTES // 4 + 1, 3 * wire.SMALL_TENSOR_BYTES],
+    ids=["empty", "tiny", "largest-small", "smallest-framed", "framed"],
+)
+def test_tensors_small_and_large_are_the_bytes_protobuf_writes(elements: int) -> None:
+    # Small tensors go through protobuf (a copy), larger ones are framed around the array's memory.
+    t = np.random.default_rng(elements).normal(size=elements).astype(np.float32)
+    payload = wire.build(pb.ComputeTotalLossRequest(layers=LAYERS), teachers=[t], students=[t[::-1]])
+    expected = pb.ComputeTotalLossRequest(
+        layers=LAYERS, teachers=[tensors.encode(t)], students=[tensors.encode(t[::-1])]
+    ).SerializeToString()
+    assert payload == expected
+
+
 def test_protobuf_requests_split_into_views() -> None:
     ts = arrays(np.random.default_rng(1))
     message = pb.ComputeTotalLossRequest(

@@ -69,7 +69,12 @@ class TensorView:
     cuda_ipc: pb.CudaIpcRef | None = None
 
 
+_ONE_BYTE = [bytes([value]) for value in range(0x80)]
+
+
 def _varint(value: int) -> bytes:
+    if value < 0x80:  # every tag, and the sizes of small messages
+        return _ONE_BYTE[value]
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
@@ -90,10 +95,17 @@ class Framed:
     chunks: list[Chunk]
 
 
+SMALL_TENSOR_BYTES = 1 << 14
+"""Tensors of at most this many bytes are framed by protobuf, their bytes
+copied: cheaper than framing them in Python (the same bytes either way)."""
+
+
 def _tensor_body(value: Any) -> list[Chunk]:
     if isinstance(value, pb.Tensor):  # already a message: a shared-memory or CUDA IPC reference
         return [value.SerializeToString()]
     code, array = to_wire(value)
+    if array.nbytes <= SMALL_TENSOR_BYTES:
+        return [pb.Tensor(dtype=code, shape=array.shape, data=array.tobytes()).SerializeToString()]
     header = pb.Tensor(dtype=code, shape=array.shape).SerializeToString()
     return [header, *_len_field(_DATA_FIELD, [array.reshape(-1).view(np.uint8).data])]
 
